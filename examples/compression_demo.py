@@ -98,7 +98,10 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    header = f"{'matrix':<14} {'R':>3} {'params':>8} {'x smaller':>9} {'MPO err':>8} {'SVD r':>5} {'SVD err':>8}"
+    header = (
+        f"{'matrix':<14} {'R':>3} {'params':>8} {'x smaller':>9} {'MPO err':>8} "
+        f"{'SVD r':>5} {'SVD err':>8}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
