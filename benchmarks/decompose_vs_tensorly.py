@@ -14,7 +14,8 @@ truncation because its spectra do not decay):
   The four calls of a case take turns within each repeat so that drift of the
   machine hits all of them alike. Ours is warmed up once per case, untimed;
   tensorly is warmed up only on a small matrix, because a full-size warm-up
-  costs as much as a timed run (its first timed run is therefore included).
+  costs as much as a timed run (its first, often slower, call is therefore
+  among the timed runs; the median of 3 discards it, ``--warm-tensorly`` avoids it).
 * **Accuracy**: the relative Frobenius error ``||W - B||_F / ||W||_F`` of each
   reconstruction, computed in float64; ours must agree with tensorly's to 1e-6
   relative, since both compute the same truncated TT-SVD.
@@ -23,7 +24,8 @@ truncation because its spectra do not decay):
   workspaces), as a multiple of the matrix's size in bytes (bar: about 2x or less).
 
 Thread counts are left at their defaults (torch: MKL/OpenMP, numpy: its own BLAS)
-and printed in the header, together with the other machine details.
+and printed in the header, together with the other machine details and the load
+average: other jobs on the machine slow every call, and the times with them.
 
 Run it with the project's runner, which installs the ``bench`` extra into ``.venv``::
 
@@ -34,7 +36,9 @@ or directly, in an environment with ``mpo``, torch and tensorly installed::
 
     python benchmarks/decompose_vs_tensorly.py --repeats 3 --out results.json
 
-``--spectrum decaying`` (or ``both``) adds a matrix with a power-law spectrum.
+``--spectrum decaying`` (or ``both``) adds a matrix whose singular values fall as 1/k.
+That is the matrix's spectrum; the TT unfoldings mix its rows and columns, so
+their spectra decay little more than a Gaussian's and the errors stay close to 1.
 """
 
 from __future__ import annotations
@@ -134,6 +138,8 @@ def _numpy_blas_threads() -> int | None:
         from threadpoolctl import threadpool_info  # optional; knows every BLAS
 
         pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        # torch may bring a BLAS of its own; numpy's is the one shipped inside numpy.
+        pools.sort(key=lambda p: "numpy" not in p.get("filepath", ""))
         return int(pools[0]["num_threads"]) if pools else None
     except ImportError:
         pass

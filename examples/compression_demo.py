@@ -4,7 +4,8 @@ For three 1024 x 1024 matrices that the script builds itself, it decomposes
 each into a 5-core MPO at rank thresholds R = 1..64 and prints, for every R,
 the parameters the cores hold and the relative error ||W - MPO||_F / ||W||_F,
 next to the error of the best low-rank (truncated SVD, what LoRA/PiSSA keep of a
-weight) approximation with the same number of parameters:
+weight) approximation with at most the same number of parameters (rank 0, error
+1, when even rank 1 needs more):
 
 * ``gaussian``: i.i.d. entries, the incompressible worst case;
 * ``power-law``: random singular vectors with singular values ``k^-1``, the
@@ -53,8 +54,8 @@ MATRICES = {"gaussian": gaussian, "power-law": power_law, "smooth-kernel": smoot
 
 
 def low_rank_error_at_budget(singular_values: np.ndarray, shape: tuple[int, int], params: int):
-    """Relative error of the best rank-r approximation with r (I + J) <= params."""
-    r = max(1, params // sum(shape))
+    """Relative error of the best rank-r approximation with r (I + J) <= params (r may be 0)."""
+    r = params // sum(shape)
     energy = singular_values**2
     return r, float(np.sqrt(energy[r:].sum() / energy.sum()))
 
@@ -124,6 +125,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot(params, [row["mpo_error"] for row in mine], "o-", label="MPO (TT-SVD)")
         ax.plot(params, [row["svd_error"] for row in mine], "s--", label="truncated SVD")
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel("parameters")
         ax.grid(alpha=0.3)
