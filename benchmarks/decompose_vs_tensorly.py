@@ -114,6 +114,11 @@ class CaseResult:
     def torch_ratio(self) -> float:
         return self.median("tensorly_torch") / self.median("ours_torch")
 
+    @property
+    def spread(self) -> float:
+        """Largest slowest/fastest run among the methods: well above 1, the machine was busy."""
+        return max(max(runs) / min(runs) for runs in self.times.values())
+
     def error_gap(self, backend: str) -> float:
         """Relative difference between our error and tensorly's on one backend."""
         ours, theirs = self.errors[f"ours_{backend}"], self.errors[f"tensorly_{backend}"]
@@ -356,6 +361,7 @@ def speed_table(results: list[CaseResult]) -> str:
         "tensorly np (s)",
         "ours torch (s)",
         "tensorly torch (s)",
+        "spread",
     ]
     rows = []
     for r in results:
@@ -370,6 +376,7 @@ def speed_table(results: list[CaseResult]) -> str:
                 f"{r.torch_ratio:.1f}x",
                 _verdict(ok["torch_speed"]),
                 *medians,
+                f"{r.spread:.1f}x",
             ]
         )
     return _table(header, rows)
@@ -435,6 +442,10 @@ def print_header(info: dict[str, Any], repeats: int, warm_tensorly: bool) -> Non
 def print_report(results: list[CaseResult]) -> None:
     print("\n## Speed\n")
     print(speed_table(results))
+    print(
+        "\nspread = largest slowest/fastest run of any method; well above 1 means other work "
+        "shared the CPUs (the load average counts this run's own threads too)"
+    )
     print("\n## Accuracy and memory\n")
     print(accuracy_table(results))
     print(
@@ -479,6 +490,7 @@ def to_json(
                 "median_s": {method: r.median(method) for method in METHODS},
                 "numpy_ratio": r.numpy_ratio,
                 "torch_ratio": r.torch_ratio,
+                "spread": r.spread,
                 "errors": r.errors,
                 "error_rel_diff_numpy": r.error_gap("numpy"),
                 "error_rel_diff_torch": r.error_gap("torch"),

@@ -17,11 +17,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from math import prod
 from typing import Any
 
 import opt_einsum
 
-__all__ = ["ContractionPlan", "apply_plan", "core_shapes", "dense_plan"]
+__all__ = ["ContractionPlan", "apply_plan", "core_shapes", "dense_plan", "half_plans"]
 
 # 'greedy' pairs the cheapest operands first. At the batch sizes of LLM layers it
 # was as fast as opt_einsum's flop-optimal search and kept intermediates far smaller
@@ -114,6 +115,36 @@ def dense_plan(core_shapes: tuple[tuple[int, int, int, int], ...]) -> Contractio
     rows, cols, bonds = _core_symbols(len(core_shapes))
     equation = ",".join(_core_terms(rows, cols, bonds)) + "->" + "".join(rows) + "".join(cols)
     return _plan(equation, tuple(core_shapes))
+
+
+@functools.lru_cache(maxsize=512)
+def half_plans(
+    core_shapes: tuple[tuple[int, int, int, int], ...],
+) -> tuple[int, ContractionPlan, ContractionPlan]:
+    """Plans for the two halves of the matrix, split at the cheapest bond ``k``.
+
+    The left half contracts cores ``1..k`` into ``L[i_1..i_k, j_1..j_k, r]`` and
+    the right half cores ``k+1..N`` into ``R[r, i_{k+1}..i_N, j_{k+1}..j_N]``,
+    so that the matrix, viewed as ``(I_L, J_L, I_R, J_R)``, is one matrix
+    product ``L @ R`` of inner size ``r = R_k``. The bond minimises the flops of
+    the halves plus the ``2 I J R_k`` of that product. Needs ``N >= 2``.
+    """
+    n = len(core_shapes)
+    rows, cols, bonds = _core_symbols(n)
+    terms = _core_terms(rows, cols, bonds)
+    size = prod(shape[1] * shape[2] for shape in core_shapes)
+
+    def halves(k: int) -> tuple[ContractionPlan, ContractionPlan]:
+        left = ",".join(terms[:k]) + "->" + "".join(rows[:k] + cols[:k]) + bonds[k]
+        right = ",".join(terms[k:]) + "->" + bonds[k] + "".join(rows[k:] + cols[k:])
+        return _plan(left, core_shapes[:k]), _plan(right, core_shapes[k:])
+
+    def cost(k: int) -> int:
+        left, right = halves(k)
+        return left.flops + right.flops + 2 * size * core_shapes[k][0]
+
+    split = min(range(1, n), key=cost)
+    return (split, *halves(split))
 
 
 def core_shapes(cores: Sequence[Any]) -> tuple[tuple[int, int, int, int], ...]:

@@ -1,0 +1,36 @@
+"""DoTA adapters for PyTorch and transformers models (needs torch).
+
+>>> import torch, mpo.adapt
+>>> model = torch.nn.Sequential()
+>>> model.add_module("q_proj", torch.nn.Linear(64, 64))
+>>> model = mpo.adapt.wrap(model, rank=4, num_cores=3, quiet=True)
+>>> x = torch.randn(3, 64)
+>>> y = model(x)   # equals the base model's output at initialisation
+"""
+
+from mpo.adapt.config import PAPER_TARGETS, DoTAConfig
+from mpo.adapt.layer import DoTALinear
+from mpo.adapt.plan import AdapterPlan, ModulePlan, plan
+from mpo.adapt.wrap import (
+    dota_layers,
+    merge_and_unload,
+    print_trainable_parameters,
+    trainable_parameters,
+    unwrap,
+    wrap,
+)
+
+__all__ = [
+    "PAPER_TARGETS",
+    "AdapterPlan",
+    "DoTAConfig",
+    "DoTALinear",
+    "ModulePlan",
+    "dota_layers",
+    "merge_and_unload",
+    "plan",
+    "print_trainable_parameters",
+    "trainable_parameters",
+    "unwrap",
+    "wrap",
+]

@@ -1,0 +1,134 @@
+"""Configuration of DoTA adapters: which modules, which factor shapes, which rank.
+
+The field names follow PEFT's ``LoraConfig`` where the concepts match
+(``target_modules``, ``exclude_modules``), so that a PEFT user can read a
+config without the docs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpo.count import bond_ranks
+from mpo.errors import MPOError
+from mpo.tensorize import factorize
+
+__all__ = ["PAPER_TARGETS", "DoTAConfig", "resolve_config"]
+
+#: The modules the DoTA paper adapts in LLaMA models.
+PAPER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+_INITS = ("dota", "random")
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass(frozen=True)
+class DoTAConfig:
+    """How :func:`mpo.adapt.wrap` and :func:`mpo.adapt.plan` adapt a model.
+
+    Attributes:
+        target_modules: module names to adapt. A list matches a module whose
+            qualified name equals an entry or ends with ``"." + entry``; a
+            string is a regular expression that must match the whole qualified
+            name; ``"all-linear"`` takes every linear layer except the output
+            head. Default: the paper's ``q_proj, k_proj, v_proj, up_proj, down_proj``.
+        exclude_modules: names (same rules) never adapted, even if targeted.
+        rank: the rank threshold ``R``; bond ``k`` gets ``min(R, R_k)`` (Eq. 1).
+        num_cores: ``N``, the number of cores per matrix.
+        shapes: factor shapes per dimension, e.g. ``{4096: (4, 4, 8, 8, 4)}``,
+            overriding :func:`mpo.factorize` for that dimension.
+        init: ``"dota"`` (cores from the TT-SVD of the pretrained weight) or
+            ``"random"`` (the paper's ablation: Gaussian cores, the last zero).
+        dtype: dtype of the trainable cores.
+        quantize: ``None``, or ``"nf4"`` to store the residual in 4 bits (QDoTA).
+
+    >>> DoTAConfig(rank=8).factor_shapes(4096, 11008)
+    ((4, 4, 8, 8, 4), (4, 4, 43, 4, 4))
+    """
+
+    target_modules: Sequence[str] | str = PAPER_TARGETS
+    exclude_modules: Sequence[str] | str | None = None
+    rank: int = 16
+    num_cores: int = 5
+    shapes: Mapping[int, Sequence[int]] = field(default_factory=dict)
+    init: str = "dota"
+    dtype: str = "float32"
+    quantize: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise MPOError(f"rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.num_cores, int) or self.num_cores < 1:
+            raise MPOError(f"num_cores must be a positive integer, got {self.num_cores!r}")
+        if self.init not in _INITS:
+            raise MPOError(f"init must be one of {_INITS}, got {self.init!r}")
+        if self.dtype not in _DTYPES:
+            raise MPOError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.quantize not in (None, "nf4"):
+            raise MPOError(f"quantize must be None or 'nf4', got {self.quantize!r}")
+        if isinstance(self.target_modules, str) and not self.target_modules:
+            raise MPOError("target_modules is empty; name modules, give a regex, or 'all-linear'")
+        shapes = {int(dim): tuple(int(f) for f in factors) for dim, factors in self.shapes.items()}
+        for dim, factors in shapes.items():
+            product = 1
+            for f in factors:
+                product *= f
+            if product != dim or len(factors) != self.num_cores:
+                raise MPOError(
+                    f"shapes[{dim}] = {factors} must be {self.num_cores} factors whose product is "
+                    f"{dim}; mpo.factorize({dim}, {self.num_cores}) gives "
+                    f"{factorize(dim, self.num_cores)}"
+                )
+        object.__setattr__(self, "shapes", shapes)
+        if not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
+            object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+
+    def factors(self, dim: int) -> tuple[int, ...]:
+        """Factor shape of one dimension: the configured one, else :func:`mpo.factorize`."""
+        return self.shapes.get(dim) or factorize(dim, self.num_cores)
+
+    def factor_shapes(self, out_features: int, in_features: int) -> tuple[tuple[int, ...], ...]:
+        """``(row_factors, col_factors)`` of a weight of shape ``(out_features, in_features)``."""
+        return self.factors(out_features), self.factors(in_features)
+
+    def bond_ranks(self, out_features: int, in_features: int) -> tuple[int, ...]:
+        """The bond ranks of the adapter of a ``(out_features, in_features)`` weight."""
+        return bond_ranks(*self.factor_shapes(out_features, in_features), self.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what ``adapter_config.json`` stores)."""
+        data = dataclasses.asdict(self)
+        data["target_modules"] = (
+            self.target_modules
+            if isinstance(self.target_modules, str)
+            else list(self.target_modules)
+        )
+        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
+            data["exclude_modules"] = list(self.exclude_modules)
+        data["shapes"] = {str(dim): list(f) for dim, f in self.shapes.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DoTAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise MPOError(f"unknown DoTAConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def resolve_config(config: DoTAConfig | None, overrides: Mapping[str, Any]) -> DoTAConfig:
+    """A config from an optional base config plus keyword overrides (as ``wrap`` accepts)."""
+    base = config if config is not None else DoTAConfig()
+    if not isinstance(base, DoTAConfig):
+        raise MPOError(f"config must be a DoTAConfig, got {type(base).__name__}")
+    try:
+        return dataclasses.replace(base, **overrides)
+    except TypeError as err:
+        known = sorted(f.name for f in dataclasses.fields(DoTAConfig))
+        raise MPOError(f"{err}; DoTAConfig fields are {known}") from err

@@ -1,0 +1,262 @@
+"""The DoTA layer: a frozen linear layer plus trainable MPO cores.
+
+For a pretrained weight ``W0`` (``out x in``; transformers' ``Conv1D`` stores
+it transposed), the layer computes
+
+    y = x (W0 + MPO(T) - MPO(T0))^T + b,
+
+where ``T`` are the trainable cores, initialised by the TT-SVD of ``W0``
+truncated at rank ``R`` (``init="dota"``, the paper's method), and ``T0`` is a
+frozen copy of that initial value. This is the paper's
+``W' = W_res + MPO(T)`` with ``W_res = W0 - MPO(T0)``, written so that ``W0``
+is never overwritten: the update is exactly zero at initialisation in any
+dtype, disabling the adapter gives the base layer bit for bit, and an
+adapter-only checkpoint (``T`` and ``T0``) restores the layer exactly.
+With ``init="random"`` (the paper's ablation) the cores are Gaussian and the
+last one zero, so ``MPO(T)`` is zero at initialisation and no ``T0`` is kept.
+
+The layer follows the contract of PEFT's tuner layers: named adapters,
+``merge``/``unmerge``, ``get_delta_weight``, ``enable_adapters``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import mpo
+from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta
+from mpo.adapt.targets import weight_shape
+from mpo.errors import MPOError
+
+__all__ = ["DoTALinear"]
+
+_STRATEGIES = ("auto", "dense", "factored")
+
+
+class _Cores(nn.Module):
+    """Frozen initial cores ``T0`` as buffers: in ``state_dict``, moved by ``.to``, not trained."""
+
+    def __init__(self, cores: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        for k, core in enumerate(cores):
+            self.register_buffer(str(k), core)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.buffers())
+
+
+def _dota_cores(weight: torch.Tensor, shape: tuple, rank: int, dtype: torch.dtype) -> list:
+    """TT-SVD of the ``(out, in)`` weight in float32, cores cast to ``dtype``."""
+    decomposition = mpo.decompose(weight, shape, rank, compute_dtype="float32", dtype=dtype)
+    return list(decomposition.cores)
+
+
+def _random_cores(shape: tuple, rank: int, dtype: torch.dtype, device: Any) -> list:
+    """Gaussian cores with the DoTA shapes, the last one zero (the paper's ablation).
+
+    Core ``k`` is drawn with variance ``1 / (R_{k-1} I_k J_k)``, so each of its
+    unfolding's columns has unit expected norm, like the orthonormal DoTA cores.
+    """
+    rows, cols = shape
+    ranks = (1, *mpo.bond_ranks(rows, cols, rank), 1)
+    cores = []
+    for k, (i, j) in enumerate(zip(rows, cols, strict=True)):
+        size = (ranks[k], i, j, ranks[k + 1])
+        if k == len(rows) - 1:
+            cores.append(torch.zeros(size, dtype=dtype, device=device))
+        else:
+            std = 1.0 / math.sqrt(ranks[k] * i * j)
+            cores.append(torch.randn(size, dtype=torch.float32, device=device).mul_(std).to(dtype))
+    return cores
+
+
+class DoTALinear(nn.Module):
+    """A frozen ``nn.Linear`` (or ``Conv1D``) with DoTA adapters.
+
+    Args:
+        base_layer: the layer to adapt; it is kept, frozen, as ``base_layer``.
+        adapter_name: name of the first adapter.
+        rank: rank threshold ``R``.
+        shape: ``(row_factors, col_factors)`` of the ``(out, in)`` weight.
+        init: ``"dota"`` or ``"random"``.
+        dtype: dtype of the cores.
+
+    >>> import torch
+    >>> base = torch.nn.Linear(64, 48)
+    >>> layer = DoTALinear(base, rank=4, shape=((4, 3, 4), (4, 4, 4)))
+    >>> x = torch.randn(2, 64)
+    >>> torch.equal(layer(x), base(x))
+    True
+    >>> sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    320
+    """
+
+    # PEFT's names for the attributes that hold adapter weights
+    adapter_layer_names = ("dota_cores",)
+    other_param_names = ("dota_init",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        *,
+        rank: int = 16,
+        shape: tuple[Sequence[int], Sequence[int]] | None = None,
+        init: str = "dota",
+        dtype: torch.dtype | str = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.out_features, self.in_features = weight_shape(base_layer)
+        self._transposed = not isinstance(base_layer, nn.Linear)
+        self.dota_cores = nn.ModuleDict()
+        self.dota_init = nn.ModuleDict()
+        self.adapter_settings: dict[str, dict[str, Any]] = {}
+        self.active_adapter = adapter_name
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        #: "auto" (cost rule of mpo.adapt.delta.choose), "dense" or "factored"
+        self.strategy = "auto"
+        for parameter in base_layer.parameters():
+            parameter.requires_grad_(False)
+        self.update_layer(adapter_name, rank=rank, shape=shape, init=init, dtype=dtype)
+
+    # -- adapters ------------------------------------------------------------------
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        *,
+        rank: int,
+        shape: tuple[Sequence[int], Sequence[int]] | None = None,
+        init: str = "dota",
+        dtype: torch.dtype | str = torch.float32,
+    ) -> None:
+        """Add the adapter ``adapter_name``: cores from the TT-SVD of the frozen weight."""
+        if adapter_name in self.dota_cores:
+            raise MPOError(f"this layer already has an adapter named {adapter_name!r}")
+        if init not in ("dota", "random"):
+            raise MPOError(f"init must be 'dota' or 'random', got {init!r}")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if shape is None:
+            shape = (mpo.factorize(self.out_features), mpo.factorize(self.in_features))
+        shape = (tuple(shape[0]), tuple(shape[1]))
+        weight = self.base_layer.weight
+        if init == "dota":
+            matrix = weight.detach().T if self._transposed else weight.detach()
+            cores = _dota_cores(matrix, shape, rank, dtype)
+        else:
+            cores = _random_cores(shape, rank, dtype, weight.device)
+        self.dota_cores[adapter_name] = nn.ParameterList(
+            [nn.Parameter(core.clone()) for core in cores]
+        )
+        if init == "dota":
+            self.dota_init[adapter_name] = _Cores(cores)
+        self.adapter_settings[adapter_name] = {
+            "rank": rank,
+            "shape": [list(shape[0]), list(shape[1])],
+            "ranks": [int(core.shape[3]) for core in cores[:-1]],
+            "init": init,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter (one is active at a time)."""
+        if adapter_name not in self.dota_cores:
+            raise MPOError(
+                f"no adapter named {adapter_name!r}; this layer has {sorted(self.dota_cores)}"
+            )
+        if self.merged_adapters:
+            raise MPOError("unmerge() before switching adapters")
+        self.active_adapter = adapter_name
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn the active adapter on or off; off gives the base layer's output bit for bit."""
+        self.disable_adapters = not enabled
+
+    def cores(self, adapter_name: str | None = None) -> list[torch.Tensor]:
+        """The trainable cores ``T`` of an adapter (default: the active one)."""
+        return list(self.dota_cores[adapter_name or self.active_adapter])
+
+    def initial_cores(self, adapter_name: str | None = None) -> list[torch.Tensor] | None:
+        """The frozen initial cores ``T0`` (``None`` for random init, where ``MPO(T0) = 0``)."""
+        name = adapter_name or self.active_adapter
+        return self.dota_init[name].tensors() if name in self.dota_init else None
+
+    def layout(self, adapter_name: str | None = None) -> Layout:
+        cores = self.cores(adapter_name)
+        return Layout(tuple(tuple(int(d) for d in c.shape) for c in cores), self._transposed)
+
+    # -- PEFT-style merging ------------------------------------------------------------
+
+    def get_delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """``MPO(T) - MPO(T0)`` in the base weight's layout, in the cores' dtype."""
+        name = adapter_name or self.active_adapter
+        return delta_weight(self.cores(name), self.initial_cores(name), self.layout(name))
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge(self) -> nn.Module:
+        """Fold the active adapter's update into the base weight; return the base layer.
+
+        The weight becomes ``W0 + Delta`` rounded to its dtype, and the layer's
+        output stays the adapted one. :meth:`unmerge` subtracts ``Delta`` again,
+        which restores ``W0`` up to that rounding.
+        """
+        if not self.merged:
+            with torch.no_grad():
+                weight = self.base_layer.weight
+                delta = self.get_delta_weight().to(torch.float32)
+                weight.copy_((weight.to(torch.float32) + delta).to(weight.dtype))
+            self.merged_adapters.append(self.active_adapter)
+        return self.base_layer
+
+    def unmerge(self) -> None:
+        """Subtract the merged update from the base weight again."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                weight = self.base_layer.weight
+                delta = self.get_delta_weight(name).to(torch.float32)
+                weight.copy_((weight.to(torch.float32) - delta).to(weight.dtype))
+
+    # -- forward -------------------------------------------------------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (code that reads ``module.weight.dtype`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters or self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        cores, init, layout = self.cores(), self.initial_cores(), self.layout()
+        strategy = self.strategy
+        if strategy == "auto":
+            rows = math.prod(x.shape[:-1])
+            training = torch.is_grad_enabled() and cores[0].requires_grad
+            strategy = choose(rows, layout, training=training, with_init=init is not None)
+        if strategy == "dense":
+            return dense_forward(
+                x, self.base_layer.weight, self.base_layer.bias, cores, init, layout
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        return result + factored_delta(x, cores, init, layout).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        settings = self.adapter_settings[self.active_adapter]
+        return (
+            f"adapter={self.active_adapter!r}, shape={tuple(map(tuple, settings['shape']))}, "
+            f"ranks={tuple(settings['ranks'])}, init={settings['init']!r}"
+        )

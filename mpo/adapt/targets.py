@@ -1,0 +1,175 @@
+"""Which modules of a model get adapters: the rules of ``target_modules``.
+
+DoTA adapts linear layers: ``torch.nn.Linear``, whose weight is
+``(out_features, in_features)``, and transformers' GPT-2 style ``Conv1D``,
+whose weight is stored transposed, ``(in_features, out_features)``.
+:func:`weight_shape` reports both as ``(out, in)``, the shape the MPO
+factorizes (rows split ``out``, columns split ``in``).
+
+A name pattern is either
+
+* a list of names: a module matches when its qualified name equals an entry
+  or ends with ``"." + entry`` (so ``"q_proj"`` matches
+  ``"model.layers.0.self_attn.q_proj"``),
+* a string: a regular expression that must match the whole qualified name, or
+* ``"all-linear"`` (targets only): every linear layer except the output head.
+
+``exclude_modules`` uses the same rules and wins over ``target_modules``.
+:func:`find_targets` is shared by :func:`mpo.adapt.plan` and
+:func:`mpo.adapt.wrap`; skipping layers that already carry an adapter is
+``wrap``'s business, not this module's.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+
+from torch import nn
+
+from mpo.adapt.config import DoTAConfig
+from mpo.errors import MPOError
+
+__all__ = ["find_targets", "linear_modules", "weight_shape"]
+
+Pattern = Sequence[str] | str | None
+
+
+def _linear_types() -> tuple[type[nn.Module], ...]:
+    # Conv1D is looked up only if transformers already defined it: a model
+    # holding a Conv1D has imported it, and a model without one needs neither
+    # the import time nor the dependency.
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None)
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, _linear_types())
+
+
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every ``nn.Linear`` and ``Conv1D`` below ``model``, as ``(qualified name, module)``.
+
+    The model itself is not listed even if it is linear: an adapter replaces
+    a module inside its parent, and the root has none.
+
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> [name for name, _ in linear_modules(model)]
+    ['0', '2']
+    """
+    return [(name, module) for name, module in model.named_modules() if name and _is_linear(module)]
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a ``nn.Linear`` or a ``Conv1D``.
+
+    >>> from torch import nn
+    >>> weight_shape(nn.Linear(1024, 4096))
+    (4096, 1024)
+    """
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if _is_linear(module):  # Conv1D: weight is (in, out)
+        in_features, out_features = module.weight.shape
+        return int(out_features), int(in_features)
+    raise MPOError(
+        f"{type(module).__name__} is not nn.Linear or transformers' Conv1D; "
+        "DoTA adapts linear layers only"
+    )
+
+
+def _matches(name: str, pattern: Sequence[str] | str, field: str) -> bool:
+    if isinstance(pattern, str):
+        try:
+            return re.fullmatch(pattern, name) is not None
+        except re.error as err:
+            raise MPOError(
+                f"{field}={pattern!r} is not a valid regular expression ({err}); "
+                "give a list of module names instead, or fix the pattern"
+            ) from err
+    return any(name == entry or name.endswith("." + entry) for entry in pattern)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _leaf_names(modules: list[tuple[str, nn.Module]]) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, _ in modules})
+
+
+def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Module]]:
+    """The modules ``config`` selects for adapters, as ``(qualified name, module)``, model order.
+
+    A module is selected when it matches ``config.target_modules`` and not
+    ``config.exclude_modules`` (rules in the module docstring). The output
+    head under ``"all-linear"`` is the module ``model.get_output_embeddings()``
+    returns, or, for models without one, any module named ``lm_head``.
+
+    Raises:
+        MPOError: a selected module is not linear (the message names it and
+            its type), or nothing is selected (the message lists the leaf
+            names of the model's linear layers to choose from).
+
+    >>> from torch import nn
+    >>> model = nn.ModuleDict({
+    ...     "q_proj": nn.Linear(64, 64), "v_proj": nn.Linear(64, 64),
+    ...     "o_proj": nn.Linear(64, 64), "lm_head": nn.Linear(64, 100)})
+    >>> [name for name, _ in find_targets(model, DoTAConfig(target_modules=["q_proj", "v_proj"]))]
+    ['q_proj', 'v_proj']
+    >>> [name for name, _ in find_targets(model, DoTAConfig(target_modules="all-linear"))]
+    ['q_proj', 'v_proj', 'o_proj']
+    >>> config = DoTAConfig(target_modules=r".*_proj", exclude_modules=["o_proj"])
+    >>> [name for name, _ in find_targets(model, config)]
+    ['q_proj', 'v_proj']
+    """
+    targets, excludes = config.target_modules, config.exclude_modules
+    if targets == "all-linear":
+        head = _output_head(model)
+        candidates = [
+            (name, module)
+            for name, module in linear_modules(model)
+            if module is not head and (head is not None or name.rsplit(".", 1)[-1] != "lm_head")
+        ]
+    else:
+        candidates = [
+            (name, module)
+            for name, module in model.named_modules()
+            if name and _matches(name, targets, "target_modules")
+        ]
+    selected = [
+        (name, module)
+        for name, module in candidates
+        if excludes is None or not _matches(name, excludes, "exclude_modules")
+    ]
+    for name, module in selected:
+        if not _is_linear(module):
+            inner = _leaf_names(linear_modules(module))
+            hint = (
+                f"target its linear layers ({', '.join(inner)}) instead"
+                if inner
+                else "remove it from target_modules"
+            )
+            raise MPOError(
+                f"target_modules={targets!r} matches {name!r}, a {type(module).__name__}, but "
+                f"DoTA adapts only nn.Linear and Conv1D layers; {hint}, or add it to "
+                "exclude_modules"
+            )
+    if not selected:
+        available = _leaf_names(linear_modules(model))
+        found = (
+            f"its linear layers are named {', '.join(available)}"
+            if available
+            else "it has no nn.Linear or Conv1D layers"
+        )
+        excluded = f" minus exclude_modules={excludes!r}" if excludes is not None else ""
+        raise MPOError(
+            f"no module of {type(model).__name__} matches target_modules={targets!r}{excluded}; "
+            f"{found}"
+        )
+    return selected

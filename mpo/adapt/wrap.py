@@ -1,0 +1,158 @@
+"""Putting DoTA adapters into a model and taking them out again.
+
+``wrap`` replaces each target linear layer in place by a
+:class:`~mpo.adapt.layer.DoTALinear` holding the original layer, freezes every
+other parameter, and decomposes the layers one at a time on their own device
+(nothing else of the model is copied). ``unwrap`` puts the original layers
+back; ``merge_and_unload`` puts back layers whose weights include the update.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from torch import nn
+
+from mpo.adapt.config import DoTAConfig, resolve_config
+from mpo.adapt.layer import DoTALinear
+from mpo.adapt.targets import find_targets
+from mpo.errors import MPOError
+
+__all__ = [
+    "dota_layers",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "trainable_parameters",
+    "unwrap",
+    "wrap",
+]
+
+
+def dota_layers(model: nn.Module) -> list[tuple[str, DoTALinear]]:
+    """Every DoTA layer of ``model`` with its qualified name, in model order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, DoTALinear)]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _progress(items: list, enabled: bool | None, description: str) -> Any:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is in the adapt extra; without it there is just no bar
+        return items
+    return tqdm(items, desc=description, unit="layer", disable=not enabled)
+
+
+def wrap(
+    model: nn.Module,
+    config: DoTAConfig | None = None,
+    *,
+    adapter_name: str = "default",
+    progress: bool | None = None,
+    quiet: bool = False,
+    **overrides: Any,
+) -> nn.Module:
+    """Add DoTA adapters to ``model`` in place and return it with only the cores trainable.
+
+    Parameters:
+        model: any ``torch.nn.Module``, e.g. a transformers model.
+        config: a :class:`DoTAConfig`; its fields may also be given (or
+            overridden) as keyword arguments: ``target_modules``,
+            ``exclude_modules``, ``rank``, ``num_cores``, ``shapes``, ``init``,
+            ``dtype``, ``quantize``.
+        adapter_name: the name the adapter is saved and selected under.
+        progress: show a progress bar while decomposing (default: on a terminal).
+        quiet: do not print the trainable-parameter report.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential()
+    >>> model.add_module("q_proj", torch.nn.Linear(64, 64))
+    >>> model.add_module("out", torch.nn.Linear(64, 8))
+    >>> model = wrap(model, rank=4, num_cores=3)
+    trainable params: 384 || all params: 5,064 || trainable%: 7.5829
+    >>> type(model.q_proj).__name__, model.out.weight.requires_grad
+    ('DoTALinear', False)
+    """
+    resolved = resolve_config(config, overrides)
+    if resolved.quantize is not None:
+        raise MPOError(
+            f"quantize={resolved.quantize!r} (QDoTA) is not available yet; wrap the model "
+            "without it, or quantize nothing"
+        )
+    existing = dota_layers(model)
+    if existing:
+        raise MPOError(
+            f"the model already has DoTA layers ({existing[0][0]}, ...); call "
+            "mpo.adapt.unwrap(model) first, or add an adapter to each layer with "
+            "layer.update_layer(name, rank=...)"
+        )
+    targets = find_targets(model, resolved)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name, module in _progress(targets, progress, "DoTA: decomposing"):
+        out_features, in_features = module.weight.shape
+        if not isinstance(module, nn.Linear):  # Conv1D stores (in, out)
+            out_features, in_features = in_features, out_features
+        layer = DoTALinear(
+            module,
+            adapter_name,
+            rank=resolved.rank,
+            shape=resolved.factor_shapes(out_features, in_features),
+            init=resolved.init,
+            dtype=resolved.dtype,
+        )
+        _replace(model, name, layer)
+    model.dota_config = {adapter_name: resolved}
+    if not quiet:
+        print_trainable_parameters(model)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; buffers such as ``T0`` are not parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: X || all params: Y || trainable%: Z`` as PEFT does."""
+    trainable, total = trainable_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Put the original layers back (unmerging first); the adapters are dropped.
+
+    A model that was never merged gets its base layers back untouched, so it
+    computes exactly what it did before ``wrap``. Parameters keep the
+    ``requires_grad`` that ``wrap`` set (all False).
+    """
+    for name, layer in dota_layers(model):
+        layer.unmerge()
+        _replace(model, name, layer.base_layer)
+    if hasattr(model, "dota_config"):
+        del model.dota_config
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold each adapter into its layer's weight and return the plain model.
+
+    The result has the original module types (``nn.Linear`` / ``Conv1D``), so
+    a transformers model can be saved with ``save_pretrained`` and loaded with
+    ``from_pretrained`` without mpo.
+    """
+    for name, layer in dota_layers(model):
+        _replace(model, name, layer.merge())
+    if hasattr(model, "dota_config"):
+        del model.dota_config
+    return model
