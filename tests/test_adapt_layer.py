@@ -1,0 +1,270 @@
+"""The DoTA layer and wrap(): structure, initialisation, merging, switches and bad input."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import mpo  # noqa: E402
+import mpo.adapt  # noqa: E402
+from mpo.adapt import DoTAConfig, DoTALinear  # noqa: E402
+from mpo.adapt.delta import Layout, choose  # noqa: E402
+
+SHAPE = ((4, 3, 4), (4, 4, 4))  # a 48 x 64 weight
+
+
+def linear(out_features=48, in_features=64, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(in_features, out_features).to(dtype)
+
+
+def perturb(layer, scale=0.05, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for core in layer.cores():
+            core.add_(scale * torch.randn(core.shape, generator=generator).to(core.dtype))
+
+
+class TestInitialisation:
+    def test_dota_cores_are_the_tt_svd_of_the_weight(self):
+        base = linear()
+        layer = DoTALinear(base, rank=4, shape=SHAPE)
+        expected = mpo.decompose(base.weight.detach(), SHAPE, 4)
+        for core, reference in zip(layer.cores(), expected.cores, strict=True):
+            assert torch.equal(core.detach(), reference)
+        assert layer.initial_cores() is not None
+
+    def test_random_init_has_the_same_shapes_and_a_zero_last_core(self):
+        dota = DoTALinear(linear(), rank=4, shape=SHAPE)
+        random = DoTALinear(linear(), rank=4, shape=SHAPE, init="random")
+        assert [c.shape for c in random.cores()] == [c.shape for c in dota.cores()]
+        assert not random.cores()[-1].any()
+        assert all(c.abs().sum() > 0 for c in random.cores()[:-1])
+        assert random.initial_cores() is None
+
+    @pytest.mark.parametrize("init", ["dota", "random"])
+    @pytest.mark.parametrize("strategy", ["dense", "factored"])
+    def test_output_equals_the_base_layer_bit_for_bit(self, init, strategy):
+        base = linear()
+        layer = DoTALinear(base, rank=4, shape=SHAPE, init=init)
+        layer.strategy = strategy
+        x = torch.randn(7, 64)
+        assert torch.equal(layer(x), base(x))
+
+    @pytest.mark.parametrize("strategy", ["dense", "factored"])
+    def test_bfloat16_base_and_cores_are_exact_at_init(self, strategy):
+        base = linear(dtype=torch.bfloat16)
+        layer = DoTALinear(base, rank=4, shape=SHAPE, dtype="bfloat16")
+        layer.strategy = strategy
+        x = torch.randn(3, 64, dtype=torch.bfloat16)
+        assert layer.cores()[0].dtype == torch.bfloat16
+        assert torch.equal(layer(x), base(x))
+
+    def test_only_cores_are_trainable(self):
+        layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+        trainable = {name for name, p in layer.named_parameters() if p.requires_grad}
+        assert trainable == {f"dota_cores.default.{k}" for k in range(3)}
+        assert "dota_init.default.0" in dict(layer.named_buffers())
+
+    def test_trainable_count_is_the_parameter_formula(self):
+        layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+        count = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        assert count == mpo.param_count(*SHAPE, 4)
+
+    def test_default_shape_comes_from_factorize(self):
+        layer = DoTALinear(linear(), rank=2)
+        assert layer.adapter_settings["default"]["shape"] == [
+            list(mpo.factorize(48)),
+            list(mpo.factorize(64)),
+        ]
+
+
+class TestUpdate:
+    @pytest.mark.parametrize("strategy", ["dense", "factored"])
+    def test_output_is_x_times_the_updated_weight(self, strategy):
+        base = linear()
+        layer = DoTALinear(base, rank=4, shape=SHAPE)
+        perturb(layer)
+        layer.strategy = strategy
+        x = torch.randn(5, 64)
+        with torch.no_grad():
+            expected = x @ (base.weight + layer.get_delta_weight()).T + base.bias
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+    def test_delta_weight_is_mpo_of_cores_minus_mpo_of_initial_cores(self):
+        layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+        perturb(layer)
+        with torch.no_grad():
+            trained = mpo.MPO([c.detach() for c in layer.cores()]).to_dense()
+            initial = mpo.MPO(layer.initial_cores()).to_dense()
+            torch.testing.assert_close(layer.get_delta_weight(), trained - initial)
+
+    def test_gradients_flow_to_cores_and_input_only(self):
+        layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+        perturb(layer)
+        x = torch.randn(4, 64, requires_grad=True)
+        layer(x).square().sum().backward()
+        assert x.grad is not None
+        assert all(core.grad is not None for core in layer.cores())
+        assert layer.base_layer.weight.grad is None
+
+
+class TestSwitches:
+    def test_disabling_gives_the_base_output_after_training(self):
+        base = linear()
+        layer = DoTALinear(base, rank=4, shape=SHAPE)
+        perturb(layer)
+        x = torch.randn(3, 64)
+        layer.enable_adapters(False)
+        assert torch.equal(layer(x), base(x))
+        layer.enable_adapters(True)
+        assert not torch.equal(layer(x), base(x))
+
+    def test_merge_returns_the_base_layer_with_the_update_folded_in(self):
+        layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+        perturb(layer)
+        x = torch.randn(3, 64)
+        with torch.no_grad():
+            adapted = layer(x)
+            merged = layer.merge()
+            assert isinstance(merged, torch.nn.Linear)
+            torch.testing.assert_close(merged(x), adapted, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
+
+    def test_unmerge_restores_the_weight_to_rounding(self):
+        base = linear()
+        original = base.weight.detach().clone()
+        layer = DoTALinear(base, rank=4, shape=SHAPE)
+        perturb(layer)
+        layer.merge()
+        assert layer.merged
+        layer.unmerge()
+        assert not layer.merged
+        torch.testing.assert_close(base.weight.detach(), original, rtol=0, atol=1e-6)
+
+    def test_a_second_adapter_can_be_added_and_selected(self):
+        base = linear()
+        layer = DoTALinear(base, rank=4, shape=SHAPE)
+        layer.update_layer("other", rank=2, shape=SHAPE, init="random")
+        layer.set_adapter("other")
+        assert layer.active_adapter == "other"
+        assert [c.shape[3] for c in layer.cores()[:-1]] == [2, 2]
+        x = torch.randn(2, 64)
+        assert torch.equal(layer(x), base(x))
+
+    def test_unknown_adapter_name_is_an_error(self):
+        layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+        with pytest.raises(mpo.MPOError, match=r"no adapter named 'missing'.*\['default'\]"):
+            layer.set_adapter("missing")
+
+    def test_duplicate_adapter_name_is_an_error(self):
+        layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+        with pytest.raises(mpo.MPOError, match="already has an adapter named 'default'"):
+            layer.update_layer("default", rank=2)
+
+    def test_weight_and_bias_are_the_base_layers(self):
+        base = linear()
+        layer = DoTALinear(base, rank=4, shape=SHAPE)
+        assert layer.weight is base.weight
+        assert layer.bias is base.bias
+
+
+class TestStrategyChoice:
+    layout = Layout(
+        tuple(
+            (r0, i, j, r1)
+            for r0, i, j, r1 in [
+                (1, 4, 4, 16),
+                (16, 4, 4, 16),
+                (16, 8, 8, 16),
+                (16, 8, 8, 16),
+                (16, 4, 4, 1),
+            ]
+        ),
+        transposed=False,
+    )
+
+    def test_a_single_token_goes_through_the_cores(self):
+        assert choose(1, self.layout, training=False, with_init=True) == "factored"
+
+    def test_a_long_training_batch_rebuilds_the_dense_update(self):
+        assert choose(4096, self.layout, training=True, with_init=True) == "dense"
+
+
+class TestWrap:
+    def model(self):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential()
+        model.add_module("q_proj", torch.nn.Linear(64, 64))
+        model.add_module("v_proj", torch.nn.Linear(64, 64))
+        model.add_module("lm_head", torch.nn.Linear(64, 10))
+        return model
+
+    def test_wrap_replaces_targets_and_freezes_everything_else(self):
+        model = mpo.adapt.wrap(self.model(), rank=4, num_cores=3, quiet=True)
+        assert isinstance(model.q_proj, DoTALinear)
+        assert isinstance(model.lm_head, torch.nn.Linear)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable
+        assert all("dota_cores" in name for name in trainable)
+
+    def test_config_object_and_keywords_agree(self):
+        a = mpo.adapt.wrap(self.model(), DoTAConfig(rank=4, num_cores=3), quiet=True)
+        b = mpo.adapt.wrap(self.model(), rank=4, num_cores=3, quiet=True)
+        assert mpo.adapt.trainable_parameters(a) == mpo.adapt.trainable_parameters(b)
+
+    def test_report_is_printed_like_peft(self, capsys):
+        mpo.adapt.wrap(self.model(), rank=4, num_cores=3)
+        assert capsys.readouterr().out.startswith("trainable params: 768 || all params:")
+
+    def test_shapes_from_the_config_override_factorize(self):
+        model = mpo.adapt.wrap(
+            self.model(), rank=4, num_cores=3, shapes={64: (2, 8, 4)}, quiet=True
+        )
+        assert model.q_proj.adapter_settings["default"]["shape"] == [[2, 8, 4], [2, 8, 4]]
+
+    def test_unwrap_restores_the_original_modules(self):
+        model = self.model()
+        q_proj = model.q_proj
+        mpo.adapt.wrap(model, rank=4, num_cores=3, quiet=True)
+        mpo.adapt.unwrap(model)
+        assert model.q_proj is q_proj
+        assert not hasattr(model, "dota_config")
+
+    def test_wrapping_twice_is_an_error(self):
+        model = mpo.adapt.wrap(self.model(), rank=4, num_cores=3, quiet=True)
+        with pytest.raises(mpo.MPOError, match="already has DoTA layers"):
+            mpo.adapt.wrap(model, rank=4, num_cores=3, quiet=True)
+
+    def test_no_matching_target_lists_the_linear_names(self):
+        with pytest.raises(mpo.MPOError, match=r"lm_head.*q_proj.*v_proj"):
+            mpo.adapt.wrap(self.model(), target_modules=["c_attn"], quiet=True)
+
+    def test_quantize_is_refused_until_qdota_exists(self):
+        with pytest.raises(mpo.MPOError, match=r"QDoTA"):
+            mpo.adapt.wrap(self.model(), quantize="nf4", quiet=True)
+
+    def test_unknown_keyword_names_the_fields(self):
+        with pytest.raises(mpo.MPOError, match="DoTAConfig fields are"):
+            mpo.adapt.wrap(self.model(), lora_alpha=16, quiet=True)
+
+
+class TestConfigErrors:
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"rank": 0}, "rank must be a positive integer"),
+            ({"num_cores": 0}, "num_cores must be a positive integer"),
+            ({"init": "gaussian"}, "init must be one of"),
+            ({"dtype": "int8"}, "dtype must be one of"),
+            ({"quantize": "int4"}, "quantize must be None or 'nf4'"),
+            ({"shapes": {64: (4, 4, 2)}}, r"shapes\[64\] = \(4, 4, 2\) must be 5 factors"),
+            ({"target_modules": ""}, "target_modules is empty"),
+        ],
+    )
+    def test_bad_fields(self, kwargs, message):
+        with pytest.raises(mpo.MPOError, match=message):
+            DoTAConfig(**kwargs)
+
+    def test_round_trip_through_a_dict(self):
+        config = DoTAConfig(rank=8, shapes={4096: (4, 4, 8, 8, 4)}, target_modules="all-linear")
+        assert DoTAConfig.from_dict(config.to_dict()) == config
