@@ -74,8 +74,7 @@ def _halves(cores: list[Any], layout: Layout) -> tuple[Any, Any]:
     """``L`` (``I_L J_L x r``) and ``R`` (``r x I_R J_R``) with ``Delta ~ L @ R`` permuted."""
     if len(cores) == 1:
         return cores[0].reshape(-1, 1), cores[0].new_ones(1, 1)
-    _, left_plan, right_plan = half_plans(layout.shapes)
-    split = half_plans(layout.shapes)[0]
+    split, left_plan, right_plan = half_plans(layout.shapes)
     left = left_plan(*cores[:split])
     right = right_plan(*cores[split:])
     rank = left.shape[-1]
@@ -132,8 +131,10 @@ class _DenseDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layout, n, *cores_and_init):  # type: ignore[override]
         cores, init = list(cores_and_init[:n]), list(cores_and_init[n:]) or None
-        with torch.no_grad():
+        # The update is rebuilt in the cores' dtype even under autocast, as in the backward.
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             merged = _merged(weight, _product(cores, init, layout), layout)
+        with torch.no_grad():
             y = _linear(
                 x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype), layout.transposed
             )

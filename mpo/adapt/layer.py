@@ -111,6 +111,10 @@ class DoTALinear(nn.Module):
         dtype: torch.dtype | str = torch.float32,
     ) -> None:
         super().__init__()
+        self._attach(base_layer, adapter_name)
+        self.update_layer(adapter_name, rank=rank, shape=shape, init=init, dtype=dtype)
+
+    def _attach(self, base_layer: nn.Module, adapter_name: str) -> None:
         self.base_layer = base_layer
         self.out_features, self.in_features = weight_shape(base_layer)
         self._transposed = not isinstance(base_layer, nn.Linear)
@@ -124,7 +128,24 @@ class DoTALinear(nn.Module):
         self.strategy = "auto"
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
-        self.update_layer(adapter_name, rank=rank, shape=shape, init=init, dtype=dtype)
+
+    @classmethod
+    def from_cores(
+        cls,
+        base_layer: nn.Module,
+        cores: Sequence[torch.Tensor],
+        initial_cores: Sequence[torch.Tensor] | None,
+        *,
+        adapter_name: str = "default",
+        rank: int,
+        init: str = "dota",
+    ) -> DoTALinear:
+        """A layer whose adapter has the given cores, without decomposing (checkpoint loading)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._attach(base_layer, adapter_name)
+        layer.add_cores(adapter_name, cores, initial_cores, rank=rank, init=init)
+        return layer
 
     # -- adapters ------------------------------------------------------------------
 
@@ -150,19 +171,48 @@ class DoTALinear(nn.Module):
         if init == "dota":
             matrix = weight.detach().T if self._transposed else weight.detach()
             cores = _dota_cores(matrix, shape, rank, dtype)
+            self.add_cores(adapter_name, cores, cores, rank=rank, init=init)
         else:
             cores = _random_cores(shape, rank, dtype, weight.device)
-        self.dota_cores[adapter_name] = nn.ParameterList(
-            [nn.Parameter(core.clone()) for core in cores]
+            self.add_cores(adapter_name, cores, None, rank=rank, init=init)
+
+    def add_cores(
+        self,
+        adapter_name: str,
+        cores: Sequence[torch.Tensor],
+        initial_cores: Sequence[torch.Tensor] | None,
+        *,
+        rank: int,
+        init: str,
+    ) -> None:
+        """Add an adapter with trainable cores ``cores`` and frozen ``initial_cores`` (``T0``).
+
+        The cores are copied; ``initial_cores`` is ``None`` when ``MPO(T0)`` is
+        zero (random init). Shapes must describe this layer's ``(out, in)`` weight.
+        """
+        if adapter_name in self.dota_cores:
+            raise MPOError(f"this layer already has an adapter named {adapter_name!r}")
+        shape = (
+            tuple(int(c.shape[1]) for c in cores),
+            tuple(int(c.shape[2]) for c in cores),
         )
-        if init == "dota":
-            self.dota_init[adapter_name] = _Cores(cores)
+        operator = mpo.MPO([c.detach() for c in cores])  # validates the chain
+        if operator.shape != (self.out_features, self.in_features):
+            raise MPOError(
+                f"cores describe a {operator.shape[0]} x {operator.shape[1]} matrix but the "
+                f"layer's weight is {self.out_features} x {self.in_features} (out x in)"
+            )
+        self.dota_cores[adapter_name] = nn.ParameterList(
+            [nn.Parameter(core.detach().clone()) for core in cores]
+        )
+        if initial_cores is not None:
+            self.dota_init[adapter_name] = _Cores([c.detach().clone() for c in initial_cores])
         self.adapter_settings[adapter_name] = {
             "rank": rank,
             "shape": [list(shape[0]), list(shape[1])],
-            "ranks": [int(core.shape[3]) for core in cores[:-1]],
+            "ranks": list(operator.ranks),
             "init": init,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(operator.dtype).removeprefix("torch."),
         }
 
     def set_adapter(self, adapter_name: str) -> None:
