@@ -122,7 +122,8 @@ def split(C: Any, xp: Backend, max_rank: int, max_discarded: float = 0.0) -> Spl
     if 0.0 < max_discarded < _GRAM_RESOLUTION * min(C.shape) * energies[0]:
         energies, left_vectors = _qr_route(C, xp)
     rank = _keep(energies, max_rank, max_discarded)
-    left = xp.canonical_signs(left_vectors(rank))
+    # contiguous: slices of eigenvector matrices are strided, and cores are stored as they come
+    left = xp.contiguous(xp.canonical_signs(left_vectors(rank)))
     return Split(left, left.T @ C, float(energies[rank:].sum()))
 
 

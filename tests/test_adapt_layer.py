@@ -268,3 +268,19 @@ class TestConfigErrors:
     def test_round_trip_through_a_dict(self):
         config = DoTAConfig(rank=8, shapes={4096: (4, 4, 8, 8, 4)}, target_modules="all-linear")
         assert DoTAConfig.from_dict(config.to_dict()) == config
+
+
+def test_unwrap_restores_which_parameters_were_trainable():
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", torch.nn.Linear(16, 16))
+    model.add_module("head", torch.nn.Linear(16, 4))
+    model.head.bias.requires_grad_(False)
+    mpo.adapt.wrap(model, rank=2, num_cores=2, quiet=True)
+    mpo.adapt.unwrap(model)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    assert flags == {
+        "q_proj.weight": True,
+        "q_proj.bias": True,
+        "head.weight": True,
+        "head.bias": False,
+    }

@@ -328,3 +328,11 @@ def test_matrix_of_small_tt_rank_keeps_the_requested_ranks(backend):
     m = mpo.decompose(W, ((4, 4, 4), (4, 4, 4)), rank=8)
     assert m.ranks == (8, 8)
     assert rel_error(m.to_dense(), W) < 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cores_are_contiguous(backend):
+    m = mpo.decompose(gaussian((48, 64), 0, np.float32, backend), ((4, 3, 4), (4, 4, 4)), 3)
+    for core in m.cores:
+        contiguous = core.is_contiguous() if backend == "torch" else core.flags.c_contiguous
+        assert contiguous

@@ -8,6 +8,7 @@
 >>> y = model(x)   # equals the base model's output at initialisation
 """
 
+from mpo.adapt.checkpoint import export_delta, load_adapter, save_adapter
 from mpo.adapt.config import PAPER_TARGETS, DoTAConfig
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.plan import AdapterPlan, ModulePlan, plan
@@ -27,9 +28,12 @@ __all__ = [
     "DoTALinear",
     "ModulePlan",
     "dota_layers",
+    "export_delta",
+    "load_adapter",
     "merge_and_unload",
     "plan",
     "print_trainable_parameters",
+    "save_adapter",
     "trainable_parameters",
     "unwrap",
     "wrap",

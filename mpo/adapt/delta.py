@@ -186,13 +186,21 @@ def dense_forward(
 
 
 def factored_delta(x: Any, cores: list[Any], init: list[Any] | None, layout: Layout) -> Any:
-    """``x Delta^T`` by pushing ``x`` through the cores, without any full-size matrix."""
-    rows = x.reshape(-1, *(shape[2] for shape in layout.shapes))
+    """``x Delta^T`` by pushing ``x`` through the cores, without any full-size matrix.
+
+    Under autocast everything is cast once to the autocast dtype and the chain
+    runs with autocast off: autocast would otherwise change the dtype halfway
+    through opt_einsum's pairwise products.
+    """
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+    rows = x.reshape(-1, *(shape[2] for shape in layout.shapes)).to(dtype)
     plan = apply_plan(rows.shape[0], core_shapes(cores), transpose=True)
-    cast = [core.to(x.dtype) for core in cores]
-    out = plan(rows, *cast)
-    if init is not None:
-        out = out - plan(rows, *(core.to(x.dtype) for core in init))
+    with torch.autocast(device, enabled=False):
+        out = plan(rows, *(core.to(dtype) for core in cores))
+        if init is not None:
+            out = out - plan(rows, *(core.to(dtype) for core in init))
     return out.reshape(*x.shape[:-1], layout.out_features)
 
 

@@ -203,10 +203,15 @@ class DoTALinear(nn.Module):
                 f"layer's weight is {self.out_features} x {self.in_features} (out x in)"
             )
         self.dota_cores[adapter_name] = nn.ParameterList(
-            [nn.Parameter(core.detach().clone()) for core in cores]
+            [
+                nn.Parameter(core.detach().clone(memory_format=torch.contiguous_format))
+                for core in cores
+            ]
         )
         if initial_cores is not None:
-            self.dota_init[adapter_name] = _Cores([c.detach().clone() for c in initial_cores])
+            self.dota_init[adapter_name] = _Cores(
+                [c.detach().clone(memory_format=torch.contiguous_format) for c in initial_cores]
+            )
         self.adapter_settings[adapter_name] = {
             "rank": rank,
             "shape": [list(shape[0]), list(shape[1])],

@@ -34,10 +34,33 @@ def dota_layers(model: nn.Module) -> list[tuple[str, DoTALinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, DoTALinear)]
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (a qualified name) is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def freeze_base(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    """Freeze every parameter, remembering which were trainable (``unwrap`` restores them).
+
+    Returns the previous ``(parameter, requires_grad)`` pairs for a caller that
+    must roll back.
+    """
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    model._dota_trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    return flags
+
+
+def _restore_base(model: nn.Module) -> None:
+    trainable = set(getattr(model, "_dota_trainable", ()))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    for attribute in ("_dota_trainable", "dota_config"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
 
 
 def _progress(items: list, enabled: bool | None, description: str) -> Any:
@@ -94,8 +117,7 @@ def wrap(
             "layer.update_layer(name, rank=...)"
         )
     targets = find_targets(model, resolved)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    freeze_base(model)
     for name, module in _progress(targets, progress, "DoTA: decomposing"):
         out_features, in_features = module.weight.shape
         if not isinstance(module, nn.Linear):  # Conv1D stores (in, out)
@@ -108,7 +130,7 @@ def wrap(
             init=resolved.init,
             dtype=resolved.dtype,
         )
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     model.dota_config = {adapter_name: resolved}
     if not quiet:
         print_trainable_parameters(model)
@@ -133,14 +155,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Put the original layers back (unmerging first); the adapters are dropped.
 
     A model that was never merged gets its base layers back untouched, so it
-    computes exactly what it did before ``wrap``. Parameters keep the
-    ``requires_grad`` that ``wrap`` set (all False).
+    computes exactly what it did before ``wrap``, and its parameters get back
+    the ``requires_grad`` they had then.
     """
     for name, layer in dota_layers(model):
         layer.unmerge()
-        _replace(model, name, layer.base_layer)
-    if hasattr(model, "dota_config"):
-        del model.dota_config
+        replace_module(model, name, layer.base_layer)
+    _restore_base(model)
     return model
 
 
@@ -149,10 +170,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     The result has the original module types (``nn.Linear`` / ``Conv1D``), so
     a transformers model can be saved with ``save_pretrained`` and loaded with
-    ``from_pretrained`` without mpo.
+    ``from_pretrained`` without mpo. Parameters get back the ``requires_grad``
+    they had before ``wrap``.
     """
     for name, layer in dota_layers(model):
-        _replace(model, name, layer.merge())
-    if hasattr(model, "dota_config"):
-        del model.dota_config
+        replace_module(model, name, layer.merge())
+    _restore_base(model)
     return model

@@ -1,0 +1,595 @@
+"""Adapter-only checkpoints of DoTA models, and the trained update as an :class:`~mpo.MPO`.
+
+A checkpoint is a folder holding two files, named as PEFT names them:
+
+``adapter_config.json``
+    ``method`` (``"dota"``), ``format_version`` (an integer, now 1), ``mpo_version``,
+    ``adapter_name``, ``base_model_name_or_path`` (or ``null``), ``config`` (the
+    :class:`~mpo.adapt.config.DoTAConfig` as ``to_dict()`` writes it) and ``modules``:
+    for each adapted module, by qualified name, its ``kind`` (``"Linear"`` or
+    ``"Conv1D"``), ``weight_shape`` ``[out, in]``, ``row_factors`` ``[I_1..I_N]``,
+    ``col_factors`` ``[J_1..J_N]``, bond ``ranks`` ``[R_1..R_{N-1}]``, rank threshold
+    ``rank``, ``init`` and the cores' ``dtype``.
+``adapter_model.safetensors``
+    the cores and nothing else: ``<module>.dota_cores.<k>``, the trained ``T_k``, and
+    (for ``init="dota"``) ``<module>.dota_init.<k>``, the frozen ``T0_k``, each of
+    shape ``(R_{k-1}, I_k, J_k, R_k)`` and describing the ``(out, in)`` matrix (also
+    for ``Conv1D``), in the cores' dtype. No base weights, nothing pickled. The file
+    is the cores' bytes (twice the trainable parameters for ``init="dota"``, once
+    for ``"random"``) plus a JSON header.
+
+Guarantees:
+
+* **Bit-identical.** :func:`load_adapter` restores every ``T_k`` and ``T0_k`` bit for
+  bit and never writes a base weight, so on the same base weights, input and
+  device the loaded model's output equals the saved model's (``torch.equal``).
+* **Atomic.** :func:`save_adapter` writes both files into a hidden sibling folder
+  and renames it into place; a folder already at the path is first renamed
+  aside and deleted after. At any moment the path holds the old checkpoint,
+  the new one, or (between the two renames) nothing: never a mix of both.
+* **Validated before use.** :func:`load_adapter` checks the config, the model's
+  modules and every tensor (keys, shapes, dtypes, finite values) before it
+  changes the model; on any problem it raises :class:`~mpo.errors.MPOError`
+  and the model is as it was.
+
+>>> import tempfile, torch, mpo.adapt
+>>> def base_model():
+...     torch.manual_seed(0)
+...     model = torch.nn.Sequential()
+...     model.add_module("q_proj", torch.nn.Linear(64, 64))
+...     return model
+>>> model = mpo.adapt.wrap(base_model(), rank=4, num_cores=3, quiet=True)
+>>> with tempfile.TemporaryDirectory() as folder:
+...     save_adapter(model, folder + "/adapter")
+...     restored = load_adapter(base_model(), folder + "/adapter")
+>>> x = torch.randn(2, 64)
+>>> torch.equal(restored(x), model(x))
+True
+>>> delta = export_delta(model)["q_proj"]
+>>> delta.shape, delta.ranks
+((64, 64), (8, 8))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+import mpo
+from mpo.adapt.config import DoTAConfig
+from mpo.adapt.layer import DoTALinear
+from mpo.adapt.targets import linear_modules, weight_shape
+from mpo.adapt.wrap import dota_layers, freeze_base, replace_module
+from mpo.errors import MPOError
+from mpo.operator import MPO
+
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "export_delta",
+    "load_adapter",
+    "save_adapter",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+#: Version of the folder layout; :func:`load_adapter` reads this version and older.
+FORMAT_VERSION = 1
+
+_KINDS = ("Linear", "Conv1D")
+_INITS = ("dota", "random")
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+# -- the module records of adapter_config.json -----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What ``adapter_config.json`` says about one adapted module."""
+
+    kind: str
+    weight_shape: tuple[int, ...]
+    row_factors: tuple[int, ...]
+    col_factors: tuple[int, ...]
+    ranks: tuple[int, ...]
+    rank: int
+    init: str
+    dtype: str
+
+    def tensor_shapes(self, module: str) -> dict[str, tuple[int, ...]]:
+        """The file's keys for this module's cores, with their shapes."""
+        bonds = (1, *self.ranks, 1)
+        shapes = [
+            (bonds[k], i, j, bonds[k + 1])
+            for k, (i, j) in enumerate(zip(self.row_factors, self.col_factors, strict=True))
+        ]
+        groups = ("dota_cores", "dota_init") if self.init == "dota" else ("dota_cores",)
+        return {f"{module}.{group}.{k}": s for group in groups for k, s in enumerate(shapes)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "weight_shape": list(self.weight_shape),
+            "row_factors": list(self.row_factors),
+            "col_factors": list(self.col_factors),
+            "ranks": list(self.ranks),
+            "rank": self.rank,
+            "init": self.init,
+            "dtype": self.dtype,
+        }
+
+
+def _ints(value: Any, field: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(v) is int and v > 0 for v in value):
+        raise MPOError(f"{field} must be a list of positive integers, got {value!r}")
+    return tuple(value)
+
+
+def _record_from_json(data: Any) -> _Record:
+    """Parse one entry of ``modules``; the message of any error names the field."""
+    if not isinstance(data, dict):
+        raise MPOError(f"the entry must be an object, got {data!r}")
+    missing = [f for f in _Record.__dataclass_fields__ if f not in data]
+    if missing:
+        raise MPOError(f"fields {missing} are missing")
+    rows = _ints(data["row_factors"], "row_factors")
+    cols = _ints(data["col_factors"], "col_factors")
+    record = _Record(
+        kind=data["kind"],
+        weight_shape=_ints(data["weight_shape"], "weight_shape"),
+        row_factors=rows,
+        col_factors=cols,
+        ranks=_ints(data["ranks"], "ranks"),
+        rank=_ints([data["rank"]], "rank")[0],
+        init=data["init"],
+        dtype=data["dtype"],
+    )
+    if record.kind not in _KINDS:
+        raise MPOError(f"kind must be one of {_KINDS}, got {record.kind!r}")
+    if record.init not in _INITS:
+        raise MPOError(f"init must be one of {_INITS}, got {record.init!r}")
+    if record.dtype not in _DTYPES:
+        raise MPOError(f"dtype must be one of {_DTYPES}, got {record.dtype!r}")
+    if len(record.weight_shape) != 2 or (math.prod(rows), math.prod(cols)) != record.weight_shape:
+        raise MPOError(
+            f"row_factors {rows} and col_factors {cols} do not multiply to weight_shape "
+            f"{record.weight_shape}"
+        )
+    if len(rows) != len(cols) or len(record.ranks) != len(rows) - 1:
+        raise MPOError(
+            f"{len(rows)} row factors, {len(cols)} column factors and {len(record.ranks)} ranks "
+            "do not describe one chain of cores (N, N and N - 1)"
+        )
+    return record
+
+
+def _kind(module: nn.Module) -> str:
+    return "Linear" if isinstance(module, nn.Linear) else "Conv1D"
+
+
+def _record_of(layer: DoTALinear, adapter_name: str) -> _Record:
+    settings = layer.adapter_settings[adapter_name]
+    cores = layer.cores(adapter_name)
+    return _Record(
+        kind=_kind(layer.base_layer),
+        weight_shape=(layer.out_features, layer.in_features),
+        row_factors=tuple(int(c.shape[1]) for c in cores),
+        col_factors=tuple(int(c.shape[2]) for c in cores),
+        ranks=tuple(int(c.shape[3]) for c in cores[:-1]),
+        rank=int(settings["rank"]),
+        init="random" if layer.initial_cores(adapter_name) is None else "dota",
+        dtype=str(cores[0].dtype).removeprefix("torch."),
+    )
+
+
+# -- the model side ------------------------------------------------------------------
+
+
+def _adapted_layers(model: nn.Module, adapter_name: str | None) -> tuple[str, list]:
+    """The adapter's name (default: the active one) and the DoTA layers, each holding it."""
+    layers = dota_layers(model)
+    if not layers:
+        raise MPOError(
+            f"{type(model).__name__} has no DoTA layers; add adapters with mpo.adapt.wrap(model) "
+            "or mpo.adapt.load_adapter(model, path)"
+        )
+    name = adapter_name or layers[0][1].active_adapter
+    for qualified, layer in layers:
+        if name not in layer.dota_cores:
+            raise MPOError(
+                f"DoTA layer {qualified!r} has no adapter named {name!r}, only "
+                f"{sorted(layer.dota_cores)}; pass one of those as adapter_name"
+            )
+    return name, layers
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+def _check_adapter_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not name or "." in name:
+        raise MPOError(
+            f"{where}: adapter name {name!r} must be a non-empty string without '.'; "
+            "pass adapter_name='default' (or another such name)"
+        )
+    return name
+
+
+# -- saving --------------------------------------------------------------------------
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk, so that a rename made after it publishes written data."""
+    if path.is_dir() and os.name == "nt":  # Windows cannot open a folder to flush it
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _check_target(target: Path) -> None:
+    """Refuse a path whose current content a swap would delete, beyond an old checkpoint."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise MPOError(
+            f"{target} exists and is not a folder; save the adapter to a new or checkpoint folder"
+        )
+    if target.is_dir():
+        others = sorted(
+            p.name for p in target.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME)
+        )
+        if others:
+            raise MPOError(
+                f"{target} holds files that are not an adapter checkpoint ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); saving replaces the whole folder, so "
+                "save the adapter to its own folder, e.g. a subfolder 'adapter'"
+            )
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an old ``target`` is renamed aside first, then deleted."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    backup = staging.with_suffix(".old")
+    os.rename(target, backup)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    # the new checkpoint is in place; a backup left behind would only cost disk space
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None
+) -> None:
+    """Write the adapter ``adapter_name`` (default: the active one) of a wrapped model to ``path``.
+
+    ``path`` becomes a folder with ``adapter_config.json`` and
+    ``adapter_model.safetensors`` (format in the module docstring). It is
+    written atomically: the files go to a hidden sibling folder that is then
+    renamed to ``path``. An existing ``path`` may hold only an older checkpoint
+    (those two files); it is replaced as a whole: renamed to a hidden sibling
+    ``.<name>.<random>.old``, the new folder renamed to ``path``, the old one
+    deleted. If saving raises, ``path`` is left as it was and no temporary
+    folder remains; if the process dies between the two renames, ``path`` is
+    absent (loading it fails) and the old checkpoint is in that sibling.
+
+    Raises:
+        MPOError: the model has no DoTA layers, a layer lacks the adapter, the
+            model has no ``dota_config`` for it, a core holds NaN or Inf (the
+            checkpoint could not be loaded), or ``path`` holds other files.
+    """
+    name, layers = _adapted_layers(model, adapter_name)
+    config = getattr(model, "dota_config", {}).get(name)
+    if not isinstance(config, DoTAConfig):
+        raise MPOError(
+            f"model.dota_config has no DoTAConfig for adapter {name!r}; save a model adapted by "
+            "mpo.adapt.wrap or mpo.adapt.load_adapter"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, Any] = {}
+    for qualified, layer in layers:
+        modules[qualified] = _record_of(layer, name).to_json()
+        groups = {"dota_cores": layer.cores(name), "dota_init": layer.initial_cores(name) or []}
+        for group, cores in groups.items():
+            for k, core in enumerate(cores):
+                key = f"{qualified}.{group}.{k}"
+                if not torch.isfinite(core).all():
+                    raise MPOError(
+                        f"core {key} holds NaN or Inf, so the checkpoint could not be loaded; "
+                        "training diverged: lower the learning rate or save an earlier state"
+                    )
+                tensors[key] = core.detach().to("cpu").contiguous()
+    header = {
+        "method": "dota",
+        "format_version": FORMAT_VERSION,
+        "mpo_version": mpo.__version__,
+        "adapter_name": name,
+        "base_model_name_or_path": _base_model_name(model),
+        "config": config.to_dict(),
+        "modules": modules,
+    }
+    target = Path(path)
+    _check_target(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        metadata = {"format": "pt", "method": "dota", "format_version": str(FORMAT_VERSION)}
+        safetensors.torch.save_file(tensors, staging / WEIGHTS_NAME, metadata=metadata)
+        with open(staging / CONFIG_NAME, "w", encoding="utf-8") as handle:
+            json.dump(header, handle, indent=2)
+            handle.write("\n")
+        for file in (staging / WEIGHTS_NAME, staging / CONFIG_NAME, staging):
+            _fsync(file)
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync(target.parent)
+
+
+# -- loading -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Header:
+    adapter_name: str
+    base_model: str | None
+    config: DoTAConfig
+    records: dict[str, _Record]
+
+
+def _read_header(file: Path) -> _Header:
+    """Parse and check ``adapter_config.json``; errors name the file and the field."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MPOError(f"{file} cannot be read as JSON ({err}); save the adapter again") from err
+    if not isinstance(data, dict) or data.get("method") != "dota":
+        method = data.get("method") if isinstance(data, dict) else None
+        raise MPOError(
+            f"{file} describes method {method!r}, not 'dota': it is not a DoTA adapter "
+            "checkpoint; load it with the library that wrote it"
+        )
+    version = data.get("format_version")
+    if type(version) is not int or version < 1:
+        raise MPOError(f"{file}: format_version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise MPOError(
+            f"{file} has format_version {version}, newer than this mpo {mpo.__version__} reads "
+            f"(up to {FORMAT_VERSION}; written by mpo {data.get('mpo_version')}); upgrade mpo"
+        )
+    name = _check_adapter_name(data.get("adapter_name"), str(file))
+    base_model = data.get("base_model_name_or_path")
+    try:
+        config = DoTAConfig.from_dict(data.get("config"))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise MPOError(f"{file}: config is not a valid DoTAConfig ({err})") from err
+    modules = data.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise MPOError(f"{file}: modules must be a non-empty object, got {modules!r}")
+    records = {}
+    for module, entry in modules.items():
+        try:
+            records[module] = _record_from_json(entry)
+        except MPOError as err:
+            raise MPOError(
+                f"{file}: modules[{module!r}]: {err}; the file is damaged or was edited, "
+                "save the adapter again"
+            ) from err
+    return _Header(name, base_model if isinstance(base_model, str) else None, config, records)
+
+
+def _find_modules(model: nn.Module, header: _Header, file: Path) -> dict[str, nn.Module]:
+    """The model's modules named in the checkpoint, checked against their records."""
+    linear = dict(linear_modules(model))
+    origin = (
+        f"the adapter was trained on {header.base_model!r}"
+        if header.base_model
+        else "load it into the model it was trained on"
+    )
+    found = {}
+    for name, record in header.records.items():
+        module = linear.get(name)
+        if module is None:
+            kind = next((type(m).__name__ for n, m in model.named_modules() if n == name), None)
+            problem = f"is a {kind}, not nn.Linear or Conv1D" if kind else "does not exist"
+            raise MPOError(
+                f"{file} adapts module {name!r}, which in this {type(model).__name__} {problem}; "
+                f"{origin}"
+            )
+        shape = weight_shape(module)
+        if _kind(module) != record.kind or shape != record.weight_shape:
+            raise MPOError(
+                f"{file} adapts {name!r} as a {record.kind} of weight (out, in) = "
+                f"{record.weight_shape}, but in this model it is a {_kind(module)} of {shape}; "
+                f"{origin}"
+            )
+        found[name] = module
+    return found
+
+
+def _read_tensors(file: Path, header: _Header, *, strict: bool) -> dict[str, torch.Tensor]:
+    """The cores the header describes, read from ``file`` and checked, on the CPU."""
+    expected = {
+        key: (shape, record.dtype)
+        for module, record in header.records.items()
+        for key, shape in record.tensor_shapes(module).items()
+    }
+    try:
+        with safe_open(file, framework="pt") as handle:
+            present = set(handle.keys())
+            missing = [key for key in expected if key not in present]
+            if missing:
+                raise MPOError(
+                    f"{file} lacks {len(missing)} core(s) that {CONFIG_NAME} describes, e.g. "
+                    f"{missing[:3]}; the two files do not belong together: save the adapter again"
+                )
+            extra = sorted(present - expected.keys())
+            if extra and strict:
+                raise MPOError(
+                    f"{file} holds {len(extra)} tensor(s) that are not cores of the modules in "
+                    f"{CONFIG_NAME}, e.g. {extra[:3]}; pass strict=False to ignore them"
+                )
+            tensors = {key: handle.get_tensor(key) for key in expected}
+    except (SafetensorError, OSError) as err:
+        raise MPOError(
+            f"{file} cannot be read as safetensors ({err}); it is truncated or damaged: "
+            "save the adapter again"
+        ) from err
+    for key, tensor in tensors.items():
+        shape, dtype = expected[key]
+        if tuple(tensor.shape) != shape or tensor.dtype != getattr(torch, dtype):
+            raise MPOError(
+                f"{file}: tensor {key!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, but "
+                f"{CONFIG_NAME} makes it torch.{dtype} of shape {shape}; save the adapter again"
+            )
+        if not torch.isfinite(tensor).all():
+            raise MPOError(
+                f"{file}: tensor {key!r} holds NaN or Inf; the adapter diverged in training or "
+                "the file is damaged: load an earlier checkpoint"
+            )
+    return tensors
+
+
+def _cores(
+    tensors: dict[str, torch.Tensor], module: str, group: str, record: _Record, device: torch.device
+) -> list[torch.Tensor]:
+    """One module's ``T`` (``group="dota_cores"``) or ``T0``, copied to ``device``.
+
+    Copied so that the layer does not share memory with the memory-mapped file.
+    """
+    count = len(record.row_factors)
+    return [tensors[f"{module}.{group}.{k}"].to(device, copy=True) for k in range(count)]
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    *,
+    strict: bool = True,
+) -> nn.Module:
+    """Add the adapter saved at ``path`` to an untouched base ``model``, in place, and return it.
+
+    Everything is checked before the model changes: the folder and both files
+    exist; the config parses, its method is ``"dota"`` and its format version
+    is at most :data:`FORMAT_VERSION`; every module it names is a
+    ``nn.Linear``/``Conv1D`` of the recorded kind and ``(out, in)`` shape; the
+    tensors file holds every core with the recorded shape and dtype, all
+    finite. The layers are then built from the stored cores as they are (no
+    decomposition), on the device of each base weight, and, as
+    :func:`~mpo.adapt.wrap` does, every other parameter is frozen and
+    ``model.dota_config`` is set. Base weights are never written.
+
+    Parameters:
+        model: the base model the adapter was trained on, without DoTA layers.
+        path: a folder written by :func:`save_adapter`.
+        adapter_name: the name to load the adapter under (default: the saved one).
+        strict: if False, tensors in the file that are not cores of the
+            recorded modules are ignored instead of refused.
+
+    Raises:
+        MPOError: any of the checks fails (the message names the file, module
+            or tensor and what to do); the model is then left exactly as it was.
+    """
+    existing = dota_layers(model)
+    if existing:
+        raise MPOError(
+            f"the model already has DoTA layers ({existing[0][0]}, ...); load_adapter needs the "
+            "untouched base model: call mpo.adapt.unwrap(model) first, or load a fresh base model"
+        )
+    folder = Path(path)
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not folder.is_dir():
+        raise MPOError(f"{folder} is not a folder; give the folder save_adapter wrote")
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise MPOError(
+                f"{folder} has no {file.name}, so it is not a complete DoTA adapter checkpoint "
+                "(save_adapter writes adapter_config.json and adapter_model.safetensors)"
+            )
+    header = _read_header(config_file)
+    name = _check_adapter_name(adapter_name or header.adapter_name, "adapter_name")
+    modules = _find_modules(model, header, config_file)
+    tensors = _read_tensors(weights_file, header, strict=strict)
+
+    flags = freeze_base(model)
+    replaced: list[tuple[str, nn.Module]] = []
+    try:
+        for module_name, record in header.records.items():
+            base = modules[module_name]
+            cores = _cores(tensors, module_name, "dota_cores", record, base.weight.device)
+            initial = (
+                _cores(tensors, module_name, "dota_init", record, base.weight.device)
+                if record.init == "dota"
+                else None
+            )
+            layer = DoTALinear.from_cores(
+                base,
+                cores,
+                initial,
+                adapter_name=name,
+                rank=record.rank,
+                init="random" if initial is None else "dota",
+            )
+            replace_module(model, module_name, layer)
+            replaced.append((module_name, base))
+        model.dota_config = {name: header.config}
+    except BaseException:
+        for module_name, base in reversed(replaced):
+            replace_module(model, module_name, base)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        del model._dota_trainable
+        raise
+    return model
+
+
+# -- the update as an MPO ------------------------------------------------------------
+
+
+def export_delta(model: nn.Module, adapter_name: str | None = None) -> dict[str, MPO]:
+    """The trained update ``MPO(T) - MPO(T0)`` of each DoTA layer, by qualified module name.
+
+    Each :class:`~mpo.MPO` is the ``(out, in)`` matrix (for ``Conv1D`` the
+    transpose of ``layer.get_delta_weight()``), built as the direct-sum
+    difference, so its bond ranks are twice the adapter's; with
+    ``init="random"`` it is ``MPO(T)`` itself, ranks unchanged. Round it down
+    with ``.truncate(...)``. The cores are detached copies on the layer's
+    device, in its dtype: later training does not change them.
+
+    Raises:
+        MPOError: the model has no DoTA layers, or a layer lacks the adapter.
+    """
+    name, layers = _adapted_layers(model, adapter_name)
+    deltas = {}
+    for qualified, layer in layers:
+        trained = [core.detach() for core in layer.cores(name)]
+        initial = layer.initial_cores(name)
+        deltas[qualified] = (
+            MPO([core.clone() for core in trained])
+            if initial is None
+            else MPO(trained) - MPO(initial)
+        )
+    return deltas

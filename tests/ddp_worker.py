@@ -1,0 +1,74 @@
+"""One process of the DDP test in ``test_adapt_training.py``: SGD on a wrapped tiny LLaMA.
+
+Run as ``python ddp_worker.py RANK WORLD_SIZE PORT OUT``. Every process builds
+the same model and the same global batch from fixed seeds; with
+``WORLD_SIZE == 2`` it joins a gloo process group on 127.0.0.1:PORT, trains
+``torch.nn.parallel.DistributedDataParallel`` on its half of the batch, and
+with ``WORLD_SIZE == 1`` it trains the plain model on the whole batch. The
+trained cores go to ``OUT`` as safetensors; the test calls :func:`train`
+itself for the single-process reference.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mpo.adapt
+
+STEPS = 3
+GLOBAL_BATCH = 4
+SEQUENCE = 8
+VOCAB = 64
+
+
+def train(rank: int, world_size: int, port: int) -> dict[str, torch.Tensor]:
+    """The cores after ``STEPS`` SGD steps, by name (contiguous, for safetensors)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = mpo.adapt.wrap(LlamaForCausalLM(config), rank=4, num_cores=3, quiet=True)
+    batch = torch.randint(
+        0, VOCAB, (GLOBAL_BATCH, SEQUENCE), generator=torch.Generator().manual_seed(1)
+    )
+    shard = batch.chunk(world_size)[rank]
+    trained = model
+    if world_size > 1:
+        torch.distributed.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=30),  # a rank that died must not hang the other
+        )
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(STEPS):
+        # The loss is a mean over the shard's tokens and DDP averages over ranks,
+        # so with equal shards the gradient is that of the global batch's mean loss.
+        trained(input_ids=shard, labels=shard).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return {
+        name: parameter.detach().contiguous()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
+
+
+if __name__ == "__main__":
+    rank, world_size, port = (int(arg) for arg in sys.argv[1:4])
+    torch.set_num_threads(1)  # two ranks share the test machine's cores
+    save_file(train(rank, world_size, port), sys.argv[4])

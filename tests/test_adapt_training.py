@@ -1,0 +1,472 @@
+"""Training transformers models with DoTA adapters: exactness at initialisation, what
+trains, the two strategies, merging and unwrapping, Trainer, mixed precision, DDP and
+gradient checkpointing. Every model is a tiny one built from a config (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+from mpo.adapt import (  # noqa: E402
+    PAPER_TARGETS,
+    DoTALinear,
+    dota_layers,
+    merge_and_unload,
+    unwrap,
+    wrap,
+)
+
+VOCAB = 64
+INITS = ["dota", "random"]
+STRATEGIES = ["auto", "dense", "factored"]
+
+# transformers 5 renamed gradient checkpointing to activation checkpointing; the old
+# names, which transformers 4 needs, still work and warn.
+OLD_CHECKPOINTING_NAMES = pytest.mark.filterwarnings(
+    r"ignore:`\w*gradient_checkpointing\w*` is deprecated:FutureWarning"
+)
+
+
+def tiny_llama() -> nn.Module:
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2() -> nn.Module:
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, bos_token_id=0)
+    config.eos_token_id = 0
+    return GPT2LMHeadModel(config)
+
+
+def tiny_bert_config() -> BertConfig:
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+
+
+# name: (builder, target_modules); the Bert entries cover both ways of naming targets.
+ARCHITECTURES = {
+    "llama": (tiny_llama, None),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_fc"]),
+    "bert-mlm": (lambda: BertForMaskedLM(tiny_bert_config()), "all-linear"),
+    "bert": (lambda: BertModel(tiny_bert_config()), ["query", "key", "value"]),
+}
+LANGUAGE_MODELS = ["llama", "gpt2", "bert-mlm"]
+CAUSAL_LMS = ["llama", "gpt2"]
+
+
+def base_model(architecture: str) -> nn.Module:
+    """The tiny model, seeded and in eval mode (no dropout), without adapters."""
+    torch.manual_seed(0)
+    return ARCHITECTURES[architecture][0]().eval()
+
+
+def wrapped(model: nn.Module, architecture: str = "llama", **overrides) -> nn.Module:
+    targets = ARCHITECTURES[architecture][1]
+    if targets is not None:
+        overrides.setdefault("target_modules", targets)
+    return wrap(model, rank=4, num_cores=3, quiet=True, **overrides)
+
+
+def adapted_model(architecture: str = "llama", **overrides) -> nn.Module:
+    return wrapped(base_model(architecture), architecture, **overrides)
+
+
+def token_batch(rows: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def first_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a language model, the last hidden state of a bare encoder."""
+    return model(input_ids=ids)[0]
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def set_strategy(model: nn.Module, strategy: str) -> None:
+    for _, layer in dota_layers(model):
+        layer.strategy = strategy
+
+
+def named_cores(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if "dota_cores" in name}
+
+
+def snapshot_cores(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in named_cores(model).items()}
+
+
+def perturb_cores(model: nn.Module, scale: float = 0.1, seed: int = 2) -> None:
+    """Move the cores away from initialisation so that the update is not zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for core in named_cores(model).values():
+            noise = torch.randn(core.shape, generator=generator, dtype=torch.float32)
+            core.add_(scale * noise.to(core.dtype))
+
+
+def core_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in named_cores(model).items()}
+
+
+def assert_same_tensors(actual: dict, expected: dict, **tolerance) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name, **tolerance)
+
+
+# -- 1. exact at initialisation -------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_wrapping_leaves_the_outputs_bit_identical(architecture, init, strategy):
+    model, ids = base_model(architecture), token_batch()
+    expected = first_output(model, ids)
+    wrapped(model, architecture, init=init)
+    set_strategy(model, strategy)
+    assert dota_layers(model)
+    assert torch.equal(first_output(model, ids), expected)
+
+
+# -- 2. only the cores train ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", LANGUAGE_MODELS)
+def test_only_cores_require_gradients(architecture):
+    model = adapted_model(architecture)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(named_cores(model))
+    assert all(not layer.base_layer.weight.requires_grad for _, layer in dota_layers(model))
+
+
+@pytest.mark.parametrize("architecture", LANGUAGE_MODELS)
+def test_backward_reaches_every_core_and_nothing_else(architecture):
+    model = adapted_model(architecture)
+    lm_loss(model, token_batch()).backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == set(named_cores(model))
+    assert all(p.grad.abs().sum() > 0 for p in named_cores(model).values())
+
+
+@pytest.mark.parametrize("architecture", LANGUAGE_MODELS)
+def test_an_optimizer_step_changes_the_cores_only(architecture):
+    model = adapted_model(architecture)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    lm_loss(model, token_batch()).backward()
+    optimizer.step()
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    changed = {name for name in before if not torch.equal(after[name], before[name])}
+    assert changed == set(named_cores(model))
+    assert any("dota_init" in name for name in before)  # the frozen T0 stayed put
+
+
+# -- 3. training lowers the loss -------------------------------------------------------
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_a_few_adamw_steps_lower_the_loss(init):
+    model, ids = adapted_model(init=init), token_batch()
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0
+    )
+    losses = []
+    for _ in range(5):
+        loss = lm_loss(model, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.02, losses
+
+
+# -- 4. dense and factored agree -------------------------------------------------------
+
+
+def outputs_and_core_gradients(model: nn.Module, strategy: str, ids: torch.Tensor) -> tuple:
+    set_strategy(model, strategy)
+    model.zero_grad()
+    output = model(input_ids=ids, labels=ids)
+    output.loss.backward()
+    return output.logits.detach(), core_gradients(model)
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("architecture", CAUSAL_LMS)
+def test_dense_and_factored_strategies_give_the_same_outputs(architecture, init):
+    model, ids = adapted_model(architecture, init=init), token_batch()
+    perturb_cores(model)
+    dense, _ = outputs_and_core_gradients(model, "dense", ids)
+    factored, _ = outputs_and_core_gradients(model, "factored", ids)
+    torch.testing.assert_close(dense, factored, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("architecture", CAUSAL_LMS)
+def test_dense_and_factored_strategies_give_the_same_core_gradients(architecture, init):
+    model, ids = adapted_model(architecture, init=init), token_batch()
+    perturb_cores(model)
+    _, dense = outputs_and_core_gradients(model, "dense", ids)
+    _, factored = outputs_and_core_gradients(model, "factored", ids)
+    assert_same_tensors(dense, factored, rtol=1e-4, atol=1e-6)
+
+
+# -- 5. merge, save, unwrap ------------------------------------------------------------
+
+
+def trained_adapter(architecture: str) -> nn.Module:
+    model = adapted_model(architecture)
+    perturb_cores(model)
+    return model
+
+
+@pytest.mark.parametrize("architecture", CAUSAL_LMS)
+def test_merge_and_unload_keeps_the_adapted_outputs(architecture):
+    model, ids = trained_adapter(architecture), token_batch()
+    with torch.no_grad():
+        base = first_output(base_model(architecture), ids)
+        adapted = first_output(model, ids)
+        merged = first_output(merge_and_unload(model), ids)
+    assert not torch.allclose(adapted, base)  # the update is not zero
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", CAUSAL_LMS)
+def test_merge_and_unload_leaves_plain_transformers_layers(architecture):
+    model = merge_and_unload(trained_adapter(architecture))
+    targets = ARCHITECTURES[architecture][1] or PAPER_TARGETS
+    layers = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
+    assert layers
+    assert all(type(m) in (nn.Linear, Conv1D) for m in layers)
+    assert not dota_layers(model)
+    assert not any("dota" in key for key in model.state_dict())
+    assert not hasattr(model, "dota_config")
+
+
+@pytest.mark.parametrize("architecture", CAUSAL_LMS)
+def test_merged_model_round_trips_through_save_pretrained(architecture, tmp_path):
+    model, ids = merge_and_unload(trained_adapter(architecture)), token_batch()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(first_output(loaded, ids), first_output(model, ids))
+
+
+@pytest.mark.parametrize("architecture", CAUSAL_LMS)
+def test_unwrap_gives_back_the_base_model_bit_for_bit(architecture):
+    model, ids = base_model(architecture), token_batch()
+    original = copy.deepcopy(model)
+    wrapped(model, architecture)
+    perturb_cores(model)
+    unwrap(model)
+    expected, actual = original.state_dict(), model.state_dict()
+    assert actual.keys() == expected.keys()
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+    with torch.no_grad():
+        assert torch.equal(first_output(model, ids), first_output(original, ids))
+
+
+# -- 6. transformers Trainer -------------------------------------------------------------
+
+
+def tiny_dataset(size: int = 4) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": ids, "labels": ids.clone()} for ids in token_batch(size, seed=3)]
+
+
+def train_with_trainer(model: nn.Module, output_dir: Path, **arguments) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        gradient_checkpointing=True,
+        **arguments,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset())
+    trainer.train()
+    return trainer
+
+
+def logged_losses(trainer: Trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_every_core_changed(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = snapshot_cores(model)
+    assert all(not torch.equal(after[name], before[name]) for name in before)
+    assert all(torch.isfinite(core).all() for core in after.values())
+
+
+@OLD_CHECKPOINTING_NAMES
+def test_trainer_trains_the_cores_with_gradient_checkpointing(tmp_path):
+    model = adapted_model()
+    before = snapshot_cores(model)
+    trainer = train_with_trainer(model, tmp_path)
+    losses = logged_losses(trainer)
+    assert len(losses) == 3
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert model.is_gradient_checkpointing
+    assert_every_core_changed(model, before)
+
+
+@OLD_CHECKPOINTING_NAMES
+@pytest.mark.parametrize("strategy", ["dense", "factored"])
+def test_trainer_trains_the_cores_in_bf16_mixed_precision(tmp_path, strategy):
+    model = adapted_model()
+    set_strategy(model, strategy)
+    before = snapshot_cores(model)
+    trainer = train_with_trainer(model, tmp_path, bf16=True)
+    assert all(torch.isfinite(torch.tensor(logged_losses(trainer))))
+    assert_every_core_changed(model, before)
+
+
+# -- 7. mixed precision by hand ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_bf16_model_with_float32_cores_trains_under_autocast(strategy):
+    model = wrapped(base_model("llama").to(torch.bfloat16))
+    set_strategy(model, strategy)
+    assert {core.dtype for core in named_cores(model).values()} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm_loss(model, token_batch())
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, core in named_cores(model).items():
+        assert core.grad.dtype == torch.float32, name
+        assert torch.isfinite(core.grad).all(), name
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "factored"])
+def test_float32_layer_runs_under_bf16_autocast(strategy):
+    torch.manual_seed(0)
+    layer = DoTALinear(nn.Linear(32, 32), rank=4, shape=((2, 4, 4), (2, 4, 4)))
+    layer.strategy = strategy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(2, 8, 32))
+    y.float().square().mean().backward()
+    assert y.dtype == torch.bfloat16
+    assert all(core.grad.dtype == torch.float32 for core in layer.cores())
+
+
+# -- 8. DistributedDataParallel ---------------------------------------------------------
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def worker_environment() -> dict[str, str]:
+    repository = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "PYTHONPATH": path}
+    # gloo otherwise picks the interface the host name resolves to
+    loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    if loopback:
+        environment["GLOO_SOCKET_IFNAME"] = loopback[0]
+    return environment
+
+
+def load_worker():
+    spec = importlib.util.spec_from_file_location("ddp_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(tmp_path):
+    port, environment = free_loopback_port(), worker_environment()
+    outputs = [tmp_path / f"rank{rank}.safetensors" for rank in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), "2", str(port), str(output)],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank, output in enumerate(outputs)
+    ]
+    try:
+        single = load_worker().train(rank=0, world_size=1, port=0)
+        logs = [process.communicate(timeout=90)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(logs)
+    rank0, rank1 = (load_file(output) for output in outputs)
+    assert_same_tensors(rank1, rank0, rtol=0, atol=0)
+    assert_same_tensors(rank0, single, rtol=1e-5, atol=1e-6)
+    initial = snapshot_cores(adapted_model())
+    assert all(not torch.allclose(single[name], initial[name]) for name in initial)
+
+
+# -- 9. gradient checkpointing ---------------------------------------------------------
+
+
+@OLD_CHECKPOINTING_NAMES
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gradient_checkpointing_gives_the_same_core_gradients(strategy, use_reentrant):
+    model, ids = adapted_model().train(), token_batch()
+    perturb_cores(model)
+    set_strategy(model, strategy)
+    lm_loss(model, ids).backward()
+    expected = core_gradients(model)
+    model.zero_grad()
+    model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+    assert model.is_gradient_checkpointing
+    lm_loss(model, ids).backward()
+    assert_same_tensors(core_gradients(model), expected, rtol=1e-5, atol=1e-8)
