@@ -23,6 +23,8 @@ result deterministic, is in :mod:`mpo.svd`.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from math import prod
 from typing import Any
@@ -50,9 +52,22 @@ def _check_matrix(W: Any) -> Backend:
         raise MPOError(f"the matrix is empty (shape {shape}); there is nothing to decompose")
     if not xp.is_floating(W.dtype):
         raise MPOError(f"expected a floating-point matrix, got dtype {W.dtype}; cast it first")
+    return xp
+
+
+def _checked_norm(W: Any, tensor: Any, xp: Backend) -> float:
+    """``||W||_F^2``, which is finite exactly when every entry is (short of overflow)."""
+    with warnings.catch_warnings():  # an overflow is reported below, as an MPOError
+        warnings.simplefilter("ignore", RuntimeWarning)
+        norm_sq = squared_norm(tensor, xp)
+    if math.isfinite(norm_sq):
+        return norm_sq
     if not xp.all_finite(W):
         raise MPOError("the matrix contains NaN or Inf; an MPO of it would be meaningless")
-    return xp
+    raise MPOError(
+        "the matrix's squared Frobenius norm overflows float64; scale it down before "
+        "decomposing (the MPO of c W is c times that of W)"
+    )
 
 
 def _factors(
@@ -148,13 +163,16 @@ def decompose(
     if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
         raise MPOError(f"tol must be a non-negative number (a relative error), got {tol!r}")
     out_dtype = xp.dtype(dtype) if dtype is not None else W.dtype
-    tensor = _tensor(W, xp, rows, cols, compute_dtype)
+    remainder = _tensor(W, xp, rows, cols, compute_dtype)
+    norm_sq = _checked_norm(W, remainder, xp)
 
     n = len(rows)
     max_discarded = 0.0
     if tol is not None and n > 1:
-        max_discarded = tol**2 / (n - 1) * squared_norm(tensor, xp)
-    cores, remainder, previous = [], tensor, 1
+        max_discarded = tol**2 / (n - 1) * norm_sq
+    # `remainder` is the only reference to the tensorized copy, so it is freed after
+    # the first step: peak memory stays near twice the matrix.
+    cores, previous = [], 1
     for k in range(n - 1):
         step = split(
             remainder.reshape(previous * rows[k] * cols[k], -1), xp, caps[k], max_discarded
@@ -185,6 +203,7 @@ def unfolding_spectra(
     xp = _check_matrix(W)
     rows, cols = _factors(tuple(W.shape), shape, num_cores)
     tensor = _tensor(W, xp, rows, cols, None)
+    _checked_norm(W, tensor, xp)
     pair_sizes = [i * j for i, j in zip(rows, cols, strict=True)]
     return [
         xp.from_numpy(singular_values(tensor.reshape(prod(pair_sizes[: k + 1]), -1), xp), W)

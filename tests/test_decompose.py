@@ -336,3 +336,34 @@ def test_cores_are_contiguous(backend):
     for core in m.cores:
         contiguous = core.is_contiguous() if backend == "torch" else core.flags.c_contiguous
         assert contiguous
+
+
+def test_peak_extra_memory_is_about_twice_the_matrix():
+    tracemalloc = pytest.importorskip("tracemalloc")
+    W = gaussian((4096, 4096), 0, np.float32)
+    tracemalloc.start()
+    try:
+        mpo.decompose(W, rank=16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= 2.1 * W.nbytes
+
+
+@pytest.mark.parametrize("decay", [0.5, 2.0])
+def test_fixed_rank_float32_error_matches_a_float64_tt_svd(decay):
+    """The working-precision Gram matrix plus refinement loses nothing measurable."""
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((256, 256)))
+    v, _ = np.linalg.qr(rng.standard_normal((256, 256)))
+    W = ((u * np.arange(1, 257) ** -decay) @ v.T).astype(np.float32)
+    shape = ((4, 4, 4, 4), (4, 4, 4, 4))
+    ours = rel_error(mpo.decompose(W, shape, 12).to_dense(), W)
+    reference = rel_error(mpo.decompose(W.astype(np.float64), shape, 12).to_dense(), W)
+    assert ours == pytest.approx(reference, rel=1e-5)
+
+
+def test_overflowing_norm_is_reported_with_the_fix():
+    W = np.full((4, 4), 1e200)
+    with pytest.raises(mpo.MPOError, match="overflows float64; scale it down"):
+        mpo.decompose(W, num_cores=2)
