@@ -29,17 +29,25 @@ R = 16 and 32, 1, 16, 512 and 4096 tokens, float32 and bfloat16:
   fresh subprocess. On CUDA, ``torch.cuda.max_memory_allocated`` above what was
   allocated before the step; on CPU, the peak resident set size during the step
   (``VmHWM``, reset through ``/proc/self/clear_refs``) above the resident size before
-  it, after ``malloc_trim``. Bar: ours <= LoRA r = 32.
+  it, after ``malloc_trim``, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc hands
+  freed blocks back at once and the RSS follows the live tensors (repeatable to 0.1 MB,
+  where glibc's default caching moved the peaks by up to a third between runs).
+  Bar: ours <= LoRA r = 32.
 
-Each time is the median of ``--repeats`` samples (default 5, or 3 from 4096 tokens on);
-a sample times enough back-to-back calls to last at least 50 ms and is divided by their
-number. Every contender is warmed up once per case, untimed, and the contenders take
-turns within each repeat so that drift of the machine hits them alike: on a shared
-machine the absolute times move, the ratios much less. Thread counts are torch's
-defaults (``--threads`` sets them) and printed in the header with the other machine
-details. With fewer cores than busy threads on the machine, every parallel region may
-wait for a descheduled thread, which penalises many small operations far more than
-one large one; ``--threads 1`` then gives steadier ratios.
+A sample times enough back-to-back calls to last at least 50 ms and is divided by their
+number. Every contender is warmed up once per case, untimed. In each of ``--repeats``
+rounds (default 5, or 3 from 4096 tokens on) the contenders take turns, and each
+contender's sample is bracketed by two samples of the frozen layer: its ratio in that
+round is its time over the mean of those two, and the tables show the median of these
+ratios (and the median time of the frozen layer). On a shared machine the load drifts
+within seconds; the bracketed ratios follow it far better than ratios of medians taken
+a whole round apart.
+
+Thread counts are torch's defaults (``--threads`` sets them) and printed in the header
+with the other machine details. With fewer cores than busy threads on the machine, every
+parallel region may wait for a descheduled thread (a 1 x 512 by 512 x 1024 product took
+8 ms instead of 60 us with 2 threads on 2 busy cores), which penalises many small
+operations far more than one large one; ``--threads 1`` then gives steadier ratios.
 
 Run it in the project's ``.venv`` (``python dev.py bench`` installs the ``bench``
 extra, then runs another benchmark) or anywhere ``mpo``, torch, transformers and
@@ -240,6 +248,8 @@ class CaseResult:
     ranks: list[int]
     auto_choice: dict[int, str]  # rank -> the strategy "auto" takes here
     times: dict[str, list[float]] = field(default_factory=dict)
+    # per round: a contender's time / the mean of the frozen samples just before and after it
+    ratios: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -249,7 +259,7 @@ class CaseResult:
         return statistics.median(self.times[name])
 
     def ratio(self, name: str) -> float:
-        return self.median(name) / self.median("frozen")
+        return 1.0 if name == "frozen" else statistics.median(self.ratios[name])
 
     @property
     def bar(self) -> float | None:
@@ -262,7 +272,7 @@ class CaseResult:
         return None if bar is None else self.ratio(f"ours R={rank} auto") <= bar
 
     def best_strategy(self, rank: int) -> str:
-        return min(("dense", "factored"), key=lambda s: self.median(f"ours R={rank} {s}"))
+        return min(("dense", "factored"), key=lambda s: self.ratio(f"ours R={rank} {s}"))
 
     @property
     def spread(self) -> float:
@@ -300,6 +310,7 @@ def run_case(
         sorted(ours),
         auto_choice,
         {name: [] for name in contenders},
+        {name: [] for name in contenders if name != "frozen"},
     )
     calls = {}
     for name, contender in contenders.items():
@@ -310,9 +321,17 @@ def run_case(
         warm = _timed(call, 1, device)  # first calls pay for plans, lazy inits, page faults
         count = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_S / max(warm, 1e-9))))
         calls[name] = (call, count)
+    frozen, frozen_count = calls.pop("frozen")
     for _ in range(repeats):
-        for name, (call, count) in calls.items():  # take turns: drift hits all alike
-            result.times[name].append(_timed(call, count, device))
+        before = _timed(frozen, frozen_count, device)
+        result.times["frozen"].append(before)
+        for name, (call, count) in calls.items():  # take turns, each between two frozen samples
+            sample = _timed(call, count, device)
+            after = _timed(frozen, frozen_count, device)
+            result.times[name].append(sample)
+            result.times["frozen"].append(after)
+            result.ratios[name].append(2 * sample / (before + after))
+            before = after
     return result
 
 
@@ -412,7 +431,7 @@ def memory_worker(method: str, device: torch.device, dtype: torch.dtype) -> dict
         "method": method,
         "label": label,
         "trainable_parameters": sum(p.numel() for p in trainable),
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "peak_step_bytes": extra,
         "peak_absolute_bytes": absolute,
         "measured_as": meter.method,
@@ -424,6 +443,10 @@ def measure_memory(device: torch.device, dtype: str) -> dict[str, Any]:
     root = str(Path(mpo.__file__).resolve().parents[1])  # so the child imports this mpo
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    # glibc keeps freed blocks up to 32 MiB for reuse, so the RSS peak would count what
+    # happened to be cached (it moved LoRA's peak by a third between runs). A fixed mmap
+    # threshold returns every block >= 64 KiB to the system on free: RSS follows live tensors.
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     results: dict[str, Any] = {}
     for method in MEMORY_METHODS:
         command = [sys.executable, __file__, "--memory-worker", method]
@@ -482,7 +505,7 @@ def ratio_table(results: list[CaseResult]) -> str:
     for r in results:
         for rank in r.ranks:
             chose, best = r.auto_choice[rank], r.best_strategy(rank)
-            cost = r.median(f"ours R={rank} {chose}") / r.median(f"ours R={rank} {best}")
+            cost = r.ratio(f"ours R={rank} {chose}") / r.ratio(f"ours R={rank} {best}")
             rows.append(
                 [
                     r.label,
@@ -535,8 +558,19 @@ def print_header(info: dict[str, Any], args: argparse.Namespace) -> None:
         f"tokens {args.tokens}; dtypes {args.dtype}"
     )
     repeats = args.repeats or "5 (3 from 4096 tokens on)"
-    print(f"- times: median of {repeats} samples, each >= {MIN_SAMPLE_S * 1e3:g} ms of calls")
-    print(f"- load average at start: {info['load_average_at_start']}\n", flush=True)
+    print(
+        f"- {repeats} rounds; samples of >= {MIN_SAMPLE_S * 1e3:g} ms of calls; each "
+        "contender's sample between two of the frozen layer's"
+    )
+    print(f"- load average at start: {info['load_average_at_start']}", flush=True)
+    load, cpus = info["load_average_at_start"], info["cpus_usable"] or info["cpu_count"]
+    if load and cpus and info["device"] == "cpu" and info["torch_threads"] > 1 and load[0] >= cpus:
+        print(
+            "- WARNING: the CPUs are busy already; with more than one thread, every parallel "
+            "operation may wait for a descheduled thread. Consider --threads 1.",
+            flush=True,
+        )
+    print()
 
 
 def print_report(train: list[CaseResult], forward: list[CaseResult], memory: Any) -> None:
@@ -547,7 +581,8 @@ def print_report(train: list[CaseResult], forward: list[CaseResult], memory: Any
         print("\n## Forward under torch.no_grad()\n")
         print(ratio_table(forward))
     print(
-        "\nratios are median times / the frozen layer's (lower is better); 'auto = faster?' "
+        "\nratios: median over rounds of a contender's time / the frozen layer's just before "
+        "and after it (lower is better); 'auto = faster?' "
         "compares auto's pick with the faster of dense and factored; spread = largest "
         "slowest/fastest sample of any contender (well above 1: the machine was busy)"
     )

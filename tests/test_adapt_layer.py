@@ -284,3 +284,36 @@ def test_unwrap_restores_which_parameters_were_trainable():
         "head.weight": True,
         "head.bias": False,
     }
+
+
+def test_generation_after_an_optimizer_step_uses_the_new_cores():
+    base = linear()
+    layer = DoTALinear(base, rank=4, shape=SHAPE)
+    layer.strategy = "factored"
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        before = layer(x)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(4, 64)).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = layer(x)
+        expected = x @ (base.weight + layer.get_delta_weight()).T + base.bias
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "factored"])
+def test_conv1d_layer_matches_its_updated_weight(strategy):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(48, 64)  # weight (in=64, out=48)
+    torch.nn.init.normal_(base.bias)
+    layer = DoTALinear(base, rank=4, shape=SHAPE)
+    perturb(layer)
+    layer.strategy = strategy
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        expected = x @ (base.weight + layer.get_delta_weight()) + base.bias
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

@@ -2,26 +2,28 @@
 
 A DoTA layer computes ``y = x W'^T + b`` with ``W' = W0 + Delta`` and
 ``Delta = MPO(T) - MPO(T0)`` (``out x in``): ``T`` the trainable cores, ``T0``
-their frozen initial values, ``W0`` the untouched pretrained weight. There are
-two ways to evaluate it, and which is cheaper depends on the number of rows
-``B`` of ``x`` (tokens):
+their frozen initial values, ``W0`` the untouched pretrained weight.
 
-* **factored**: push ``x`` through the cores (an opt_einsum plan, cached):
-  ``y = x W0^T + b + x MPO(T)^T - x MPO(T0)^T``. Its cost grows with ``B``
-  times the contraction's flops per row, which for R >= 16 is about that of
-  the dense matrix itself, so it wins only for a few rows (generation).
-* **dense**: rebuild ``Delta`` and do one matrix product with ``W0 + Delta``.
-  The rebuild is split at one bond into halves ``L`` (``I_L J_L x r``) and
-  ``R`` (``r x I_R J_R``) so that ``Delta`` is a single matrix product
-  written in place, and ``W0 + Delta`` is one pass over memory. Nothing
-  full-size is saved for the backward: it rebuilds ``W'`` for ``dL/dx`` and
-  turns ``dL/dDelta = dy^T x`` into the gradients of ``L`` and ``R`` with two
-  thin products. Against a frozen layer it adds that one product ``dy^T x``,
-  so about 1.5x a frozen layer's training step is its floor.
+Both ways go through the two *halves* of the MPO, split at one bond of rank
+``r`` (:func:`mpo.contract.half_plans`): ``L`` (``I_L J_L x r``, cores
+``1..k``) and ``R`` (``r x I_R J_R``, cores ``k+1..N``), so that ``Delta``
+viewed as ``(I_L, J_L, I_R, J_R)`` is the product ``L @ R`` (minus
+``L0 @ R0``). The halves are small; everything full-size is one of:
 
-:func:`choose` picks one from a cost estimate (see its docstring). Both are
-exactly zero at initialisation: ``MPO(T)`` and ``MPO(T0)`` are computed by the
-same operations on equal values and subtracted before anything else is added.
+* **factored** (few rows ``B``): ``x Delta^T`` through the halves, two matrix
+  products per term, ``2 r (J I_R + I J_L)`` flops a row: cheap for
+  generation, but per row as costly as the dense matrix once ``r >= 16``.
+* **dense** (many rows): ``W0 + Delta`` is rebuilt in row blocks that stay in
+  cache (``L_block @ R`` minus ``L0_block @ R0``, permuted and added to ``W0``
+  in one pass), then one matrix product does the layer. Nothing full-size is
+  saved for the backward: it rebuilds ``W'`` for ``dL/dx``, and turns
+  ``dL/dDelta = dy^T x`` into the gradients of ``L`` and ``R`` block by block,
+  without forming it whole. Against a frozen layer it adds the product
+  ``dy^T x`` and two rebuilds: about 1.5x a frozen training step is its floor.
+
+:func:`choose` picks one from a cost estimate. Both are exactly zero at
+initialisation: the ``T`` and ``T0`` terms are computed by the same operations
+on equal values and subtracted before anything else is added.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ from typing import Any
 
 import torch
 
-from mpo.contract import apply_plan, core_shapes, half_plans
+from mpo.contract import half_plans
 
-__all__ = ["Layout", "choose", "delta_weight", "dense_forward", "factored_delta"]
+__all__ = ["Layout", "choose", "delta_weight", "dense_forward", "factored_delta", "halves"]
+
+# Bytes of one row block of the rebuild: small enough to stay in a core's cache.
+_BLOCK_BYTES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,11 @@ class Layout:
         return prod(shape[2] for shape in self.shapes)
 
     @property
+    def rank(self) -> int:
+        """The bond rank ``r`` at which the halves meet."""
+        return 1 if len(self.shapes) == 1 else self.shapes[half_plans(self.shapes)[0]][0]
+
+    @property
     def blocks(self) -> tuple[int, int, int, int]:
         """``(I_L, J_L, I_R, J_R)``: the row and column sizes of the two halves."""
         if len(self.shapes) == 1:
@@ -70,7 +80,7 @@ class Layout:
         )
 
 
-def _halves(cores: list[Any], layout: Layout) -> tuple[Any, Any]:
+def halves(cores: list[Any], layout: Layout) -> tuple[Any, Any]:
     """``L`` (``I_L J_L x r``) and ``R`` (``r x I_R J_R``) with ``Delta ~ L @ R`` permuted."""
     if len(cores) == 1:
         return cores[0].reshape(-1, 1), cores[0].new_ones(1, 1)
@@ -81,38 +91,80 @@ def _halves(cores: list[Any], layout: Layout) -> tuple[Any, Any]:
     return left.reshape(-1, rank), right.reshape(rank, -1)
 
 
-def _product(cores: list[Any], init: list[Any] | None, layout: Layout) -> Any:
-    """``Delta`` in the ``(I_L, J_L, I_R, J_R)`` layout of the halves' product."""
-    left, right = _halves(cores, layout)
-    delta = left @ right
-    if init is not None:
-        left0, right0 = _halves(init, layout)
-        delta = delta - left0 @ right0
-    return delta.view(layout.blocks)
+def _steps(size: int, row_bytes: int) -> range:
+    return range(0, size, max(1, _BLOCK_BYTES // max(1, row_bytes)))
 
 
-def _as_weight_layout(delta4: Any, layout: Layout) -> Any:
-    """View ``(I_L, J_L, I_R, J_R)`` as ``(I_L, I_R, J_L, J_R)`` (or transposed for Conv1D)."""
-    return delta4.permute(1, 3, 0, 2) if layout.transposed else delta4.permute(0, 2, 1, 3)
+def _merged(weight: Any, terms: list[tuple[Any, Any]], layout: Layout) -> Any:
+    """``W0 + L R - L0 R0`` in the weight's layout and dtype, one cache-sized block at a time.
 
-
-def _merged(weight: Any, delta4: Any, layout: Layout) -> Any:
-    """``W0 + Delta`` in the weight's own layout and dtype, in one pass over memory."""
+    ``terms`` is ``[(L, R)]`` or ``[(L, R), (L0, R0)]``. A ``Linear`` weight viewed
+    as ``(I_L, I_R, J_L, J_R)`` is blocked along ``I_L``; a ``Conv1D`` weight,
+    ``(J_L, J_R, I_L, I_R)``, along ``J_L``.
+    """
     i_l, j_l, i_r, j_r = layout.blocks
-    view = (j_l, j_r, i_l, i_r) if layout.transposed else (i_l, i_r, j_l, j_r)
-    merged = weight.view(view) + _as_weight_layout(delta4, layout).to(weight.dtype)
-    return merged.view(weight.shape)
+    rank = terms[0][0].shape[1]
+    merged = torch.empty_like(weight)
+    lefts = [left.view(i_l, j_l, rank) for left, _ in terms]
+    if layout.transposed:
+        view = (j_l, j_r, i_l, i_r)
+        steps = _steps(j_l, i_l * i_r * j_r * 4)
+    else:
+        view = (i_l, i_r, j_l, j_r)
+        steps = _steps(i_l, j_l * i_r * j_r * 4)
+    source, target = weight.view(view), merged.view(view)
+    for start in steps:
+        stop = start + steps.step
+        block = None
+        for (_, right), left in zip(terms, lefts, strict=True):
+            rows = left[:, start:stop] if layout.transposed else left[start:stop]
+            product = rows.reshape(-1, rank) @ right
+            block = product if block is None else block.sub_(product)
+        if layout.transposed:  # (I_L, c, I_R, J_R) -> (c, J_R, I_L, I_R)
+            block = block.view(i_l, -1, i_r, j_r).permute(1, 3, 0, 2)
+        else:  # (c, J_L, I_R, J_R) -> (c, I_R, J_L, J_R)
+            block = block.view(-1, j_l, i_r, j_r).permute(0, 2, 1, 3)
+        torch.add(source[start:stop], block.to(weight.dtype), out=target[start:stop])
+    return merged
 
 
+def _grad_halves(rows_dy: Any, rows_x: Any, left: Any, right: Any, layout: Layout) -> tuple:
+    """Gradients of ``L`` and ``R`` from ``dL/dDelta = dy^T x``, one block of rows at a time.
+
+    Regrouped as ``G[(i_L, j_L), (i_R, j_R)]``, ``dL/dL = G R^T`` and ``dL/dR = L^T G``;
+    ``G`` is never whole in memory.
+    """
+    i_l, j_l, i_r, j_r = layout.blocks
+    grad_left = torch.empty_like(left)
+    grad_right = torch.zeros_like(right)
+    steps = _steps(i_l, i_r * layout.in_features * 4)
+    for start in steps:
+        stop = min(start + steps.step, i_l)
+        block = rows_dy[:, start * i_r : stop * i_r].T @ rows_x
+        block = block.view(stop - start, i_r, j_l, j_r).permute(0, 2, 1, 3)
+        block = block.reshape((stop - start) * j_l, i_r * j_r).to(left.dtype)
+        torch.mm(block, right.T, out=grad_left[start * j_l : stop * j_l])
+        grad_right.addmm_(left[start * j_l : stop * j_l].T, block)
+    return grad_left, grad_right
+
+
+@torch.no_grad()
 def delta_weight(cores: list[Any], init: list[Any] | None, layout: Layout) -> Any:
-    """``Delta = MPO(T) - MPO(T0)`` in the layout of the layer's weight, cores' dtype."""
-    delta = _as_weight_layout(_product(cores, init, layout), layout)
+    """``Delta = MPO(T) - MPO(T0)`` in the layout of the layer's weight, cores' dtype (no grad)."""
     shape = (
         (layout.in_features, layout.out_features)
         if layout.transposed
         else (layout.out_features, layout.in_features)
     )
-    return delta.reshape(shape)
+    zeros = cores[0].new_zeros(shape)
+    return _merged(zeros, _terms(cores, init, layout), layout)
+
+
+def _terms(cores: list[Any], init: list[Any] | None, layout: Layout) -> list[tuple[Any, Any]]:
+    terms = [halves(cores, layout)]
+    if init is not None:
+        terms.append(halves(init, layout))
+    return terms
 
 
 def _linear(x: Any, weight: Any, bias: Any, transposed: bool) -> Any:
@@ -133,11 +185,10 @@ class _DenseDelta(torch.autograd.Function):
         cores, init = list(cores_and_init[:n]), list(cores_and_init[n:]) or None
         # The update is rebuilt in the cores' dtype even under autocast, as in the backward.
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            merged = _merged(weight, _product(cores, init, layout), layout)
+            merged = _merged(weight, _terms(cores, init, layout), layout)
         with torch.no_grad():
-            y = _linear(
-                x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype), layout.transposed
-            )
+            bias = None if bias is None else bias.to(x.dtype)
+            y = _linear(x, merged.to(x.dtype), bias, layout.transposed)
         ctx.layout, ctx.n = layout, n
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *cores_and_init)
@@ -152,26 +203,19 @@ class _DenseDelta(torch.autograd.Function):
         grad_x = grad_bias = None
         with torch.enable_grad():
             leaves = [core.detach().requires_grad_(True) for core in cores]
-            left, right = _halves(leaves, layout)
+            left, right = halves(leaves, layout)
         with torch.no_grad():
-            delta4 = left @ right
+            terms = [(left.detach(), right.detach())]
             if init is not None:
-                left0, right0 = _halves(init, layout)
-                delta4 = delta4 - left0 @ right0
-            delta4 = delta4.view(layout.blocks)
-            if needs[0]:
-                merged = _merged(weight, delta4, layout).to(dy.dtype)
-                grad_x = (dy @ merged.T if layout.transposed else dy @ merged).to(x.dtype)
-            del delta4
+                terms.append(halves(init, layout))
             rows_dy = dy.reshape(-1, layout.out_features)
+            if needs[0]:
+                merged = _merged(weight, terms, layout).to(dy.dtype)
+                grad_x = rows_dy @ (merged.T if layout.transposed else merged)
+                grad_x = grad_x.view(x.shape).to(x.dtype)
+                del merged
             rows_x = x.reshape(-1, layout.in_features).to(dy.dtype)
-            i_l, j_l, i_r, j_r = layout.blocks
-            # dL/dDelta = dy^T x, regrouped as (I_L J_L) x (I_R J_R) to match L @ R.
-            grad_delta = (rows_dy.T @ rows_x).view(i_l, i_r, j_l, j_r).permute(0, 2, 1, 3)
-            grad_delta = grad_delta.reshape(i_l * j_l, i_r * j_r).to(left.dtype)
-            grad_left = grad_delta @ right.detach().T
-            grad_right = left.detach().T @ grad_delta
-            del grad_delta
+            grad_left, grad_right = _grad_halves(rows_dy, rows_x, *terms[0], layout)
             if ctx.has_bias and needs[2]:
                 grad_bias = rows_dy.sum(0)
         core_grads = torch.autograd.grad((left, right), leaves, (grad_left, grad_right))
@@ -185,55 +229,65 @@ def dense_forward(
     return _DenseDelta.apply(x, weight, bias, layout, len(cores), *cores, *(init or []))
 
 
-def factored_delta(x: Any, cores: list[Any], init: list[Any] | None, layout: Layout) -> Any:
-    """``x Delta^T`` by pushing ``x`` through the cores, without any full-size matrix.
+def _through_halves(rows: Any, left: Any, right: Any, layout: Layout) -> Any:
+    """``x Delta_term^T`` for ``x`` of shape ``(B, J_L, J_R)``: ``(B, I_L, I_R)`` out.
 
-    Under autocast everything is cast once to the autocast dtype and the chain
-    runs with autocast off: autocast would otherwise change the dtype halfway
-    through opt_einsum's pairwise products.
+    First ``Z[b, j_L, r, i_R] = sum_{j_R} x[b, j_L, j_R] R[r, i_R, j_R]``, then
+    ``y[b, i_L, i_R] = sum_{j_L, r} L[i_L, j_L, r] Z[b, j_L, r, i_R]``.
     """
-    device = x.device.type
-    autocast = torch.is_autocast_enabled(device)
-    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-    rows = x.reshape(-1, *(shape[2] for shape in layout.shapes)).to(dtype)
-    plan = apply_plan(rows.shape[0], core_shapes(cores), transpose=True)
-    with torch.autocast(device, enabled=False):
-        out = plan(rows, *(core.to(dtype) for core in cores))
-        if init is not None:
-            out = out - plan(rows, *(core.to(dtype) for core in init))
+    i_l, j_l, i_r, j_r = layout.blocks
+    rank = left.shape[1]
+    batch = rows.shape[0]
+    right_t = right.view(rank, i_r, j_r).permute(2, 0, 1).reshape(j_r, rank * i_r)
+    z = (rows.reshape(batch * j_l, j_r) @ right_t).view(batch, j_l * rank, i_r)
+    return left.reshape(i_l, j_l * rank) @ z
+
+
+def factored_delta(x: Any, terms: list[tuple[Any, Any]], layout: Layout) -> Any:
+    """``x Delta^T`` through the halves (``terms`` as for :func:`halves`), no full-size matrix.
+
+    Computed in the halves' dtype with autocast off (a bf16 difference of two
+    nearly equal terms would lose most of its digits), returned in the halves' dtype.
+    """
+    dtype = terms[0][0].dtype
+    rows = x.reshape(-1, *layout.blocks[1::2]).to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        out = _through_halves(rows, *terms[0], layout)
+        if len(terms) > 1:
+            out = out - _through_halves(rows, *terms[1], layout)
     return out.reshape(*x.shape[:-1], layout.out_features)
 
 
-# One flop of the small einsum steps of the factored path costs about this many
-# flops of a large matrix product, and one pass over a full-size matrix about
-# this many flops per entry (memory-bound). Measured on 4096 x 4096 and
-# 11008 x 4096 layers at R = 16 and 32 (benchmarks/layer_vs_lora.py).
-_EINSUM_PENALTY = 2.0
-_FLOPS_PER_PASS = 60.0
+# One flop of the factored path's small products costs about this many flops of
+# a large matrix product, and a rebuild of W0 + Delta costs about this many flops
+# per weight entry on top of its products (memory traffic: blocks written,
+# permuted and added). Fitted on a 2-core CPU to 4096 x 4096 and 11008 x 4096
+# layers at R = 16 and 32 (benchmarks/layer_vs_lora.py).
+_FACTORED_PENALTY = 1.5
+_REBUILD_FLOPS_PER_ENTRY = 60.0
 
 
 def choose(rows: int, layout: Layout, *, training: bool, with_init: bool) -> str:
     """``"factored"`` or ``"dense"``, whichever the cost estimate says is cheaper.
 
-    Over a frozen layer, in units of large-matmul flops:
+    Over a frozen layer, in units of large-matmul flops, with ``r`` the rank
+    where the halves meet and ``t`` the number of terms (2 with ``T0``):
 
-    * factored: ``p * F(B) * (5 if training else 2)`` with ``F(B)`` the flops of
-      the cached contraction plan for ``B`` rows (forward through ``T`` and
-      ``T0``; backward through ``T`` twice, ``T0`` once) and ``p`` the penalty
-      of small einsum steps;
-    * dense: ``2 B I J`` for ``dy^T x`` when training, plus, per rebuild (one in
-      the forward, one in the backward), the halves' products ``4 I J r`` and
-      about four passes over a full-size matrix.
-
-    Without ``T0`` (random init) the factored and rebuild costs halve accordingly.
+    * factored: ``p B 2 r (J I_R + I J_L)`` per term and pass; the forward
+      passes every term, training adds the backward of ``T`` (two passes) and
+      of ``T0`` (one);
+    * dense: per rebuild ``2 I J r t`` plus ``c I J`` of memory traffic, one
+      rebuild in the forward and one in the backward; training adds the
+      ``2 B I J`` of ``dy^T x``.
     """
     if len(layout.shapes) == 1:
         return "dense"
+    _, j_l, i_r, _ = layout.blocks
     size = layout.out_features * layout.in_features
     terms = 2 if with_init else 1
-    factored = apply_plan(rows, layout.shapes, transpose=True).flops * _EINSUM_PENALTY
-    factored *= (terms + 3) if training else terms
-    rank = layout.shapes[half_plans(layout.shapes)[0]][0]
-    rebuild = terms * 2 * size * rank + 4 * _FLOPS_PER_PASS * size
+    per_row = 2 * layout.rank * (layout.in_features * i_r + layout.out_features * j_l)
+    passes = (2 * terms + 1) if training else terms
+    factored = _FACTORED_PENALTY * rows * per_row * passes
+    rebuild = 2 * size * layout.rank * terms + _REBUILD_FLOPS_PER_ENTRY * size
     dense = rebuild * (2 if training else 1) + (2 * rows * size if training else 0)
     return "factored" if factored < dense else "dense"

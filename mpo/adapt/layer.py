@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import mpo
-from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta
+from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, halves
 from mpo.adapt.targets import weight_shape
 from mpo.errors import MPOError
 
@@ -250,7 +250,7 @@ class DoTALinear(nn.Module):
     # -- PEFT-style merging ------------------------------------------------------------
 
     def get_delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
-        """``MPO(T) - MPO(T0)`` in the base weight's layout, in the cores' dtype."""
+        """``MPO(T) - MPO(T0)`` in the base weight's layout and the cores' dtype (detached)."""
         name = adapter_name or self.active_adapter
         return delta_weight(self.cores(name), self.initial_cores(name), self.layout(name))
 
@@ -307,7 +307,32 @@ class DoTALinear(nn.Module):
                 x, self.base_layer.weight, self.base_layer.bias, cores, init, layout
             )
         result = self.base_layer(x, *args, **kwargs)
-        return result + factored_delta(x, cores, init, layout).to(result.dtype)
+        delta = factored_delta(x, self._halves(cores, init, layout), layout)
+        return result + delta.to(result.dtype)
+
+    def _halves(self, cores: list, init: list | None, layout: Layout) -> list:
+        """The halves ``(L, R)`` of ``T`` (and ``T0``); cached between calls without autograd.
+
+        Generation calls the layer once per token with unchanged cores; the cache
+        is keyed by the cores' identities and version counters, which every
+        in-place update (an optimizer step, ``load_state_dict``) bumps.
+        """
+
+        def compute() -> list:
+            # in the cores' dtype: autocast would round the halves to bfloat16
+            with torch.autocast(cores[0].device.type, enabled=False):
+                terms = [halves(cores, layout)]
+                return terms if init is None else [*terms, halves(init, layout)]
+
+        if torch.is_grad_enabled():
+            self._halves_cache = None
+            return compute()
+        key = (self.active_adapter, *((id(c), c._version, c.device) for c in cores))
+        cached = getattr(self, "_halves_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, compute())
+            self._halves_cache = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         settings = self.adapter_settings[self.active_adapter]
