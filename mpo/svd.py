@@ -93,16 +93,16 @@ def _gram_route(C: Any, xp: Backend, precise: bool) -> _Route:
 
     def left(rank: int) -> Any:
         kept = xp.cast(vectors[:, :rank], C.dtype)
-        basis = kept if wide else xp.qr(C @ kept)[0]
-        if precise or rank == min(m, n):
-            return basis
-        return _refine(C, basis, xp)
+        if not precise and rank < min(m, n):
+            # C V spans the left singular subspace; _refine orthonormalizes it anyway
+            return _refine(C, kept if wide else C @ kept, xp)
+        return kept if wide else xp.qr(C @ kept)[0]
 
     return energies, left
 
 
 def _refine(C: Any, basis: Any, xp: Backend) -> Any:
-    """One subspace-iteration step and a Rayleigh-Ritz rotation of a basis of ``r`` directions.
+    """One subspace-iteration step and a Rayleigh-Ritz rotation of ``r`` spanning directions.
 
     A Gram matrix in the working dtype (float32) blurs directions whose energy is
     below about ``eps sigma_1^2``; one step ``C C^T U`` squares the separation from
