@@ -60,6 +60,9 @@ def train(rank: int, world_size: int, port: int) -> dict[str, torch.Tensor]:
         optimizer.step()
         optimizer.zero_grad()
     if world_size > 1:
+        # Rank 0 hosts the rendezvous store: leaving before the others are done with
+        # it would hang them, so everyone meets once more before tearing down.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return {
         name: parameter.detach().contiguous()
