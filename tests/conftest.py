@@ -12,6 +12,16 @@ settings.load_profile("default")
 
 BACKENDS = ["numpy", "torch"]
 
+#: A LLaMA small enough to build, wrap and train in milliseconds (grouped-query attention).
+TINY_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
 
 @st.composite
 def factor_shapes(draw, min_cores: int = 2, max_cores: int = 6, max_entries: int = 2048):

@@ -15,6 +15,7 @@ import sys
 from datetime import timedelta
 
 import torch
+from conftest import TINY_LLAMA
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -23,20 +24,13 @@ import mpo.adapt
 STEPS = 3
 GLOBAL_BATCH = 4
 SEQUENCE = 8
-VOCAB = 64
+VOCAB = TINY_LLAMA["vocab_size"]
 
 
 def train(rank: int, world_size: int, port: int) -> dict[str, torch.Tensor]:
     """The cores after ``STEPS`` SGD steps, by name (contiguous, for safetensors)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = LlamaConfig(**TINY_LLAMA)
     model = mpo.adapt.wrap(LlamaForCausalLM(config), rank=4, num_cores=3, quiet=True)
     batch = torch.randint(
         0, VOCAB, (GLOBAL_BATCH, SEQUENCE), generator=torch.Generator().manual_seed(1)

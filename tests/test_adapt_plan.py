@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
+from conftest import TINY_LLAMA  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mpo import factorize, param_count  # noqa: E402
@@ -35,14 +36,6 @@ LLAMA3_8B = dict(
     num_attention_heads=32,
     num_key_value_heads=8,
     tie_word_embeddings=False,
-)
-TINY_LLAMA = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
 )
 
 

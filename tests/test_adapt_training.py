@@ -16,6 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from conftest import TINY_LLAMA  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import (  # noqa: E402
@@ -41,7 +42,7 @@ from mpo.adapt import (  # noqa: E402
     wrap,
 )
 
-VOCAB = 64
+VOCAB = TINY_LLAMA["vocab_size"]
 INITS = ["dota", "random"]
 STRATEGIES = ["auto", "dense", "factored"]
 
@@ -53,15 +54,7 @@ OLD_CHECKPOINTING_NAMES = pytest.mark.filterwarnings(
 
 
 def tiny_llama() -> nn.Module:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
 
 
 def tiny_gpt2() -> nn.Module:
