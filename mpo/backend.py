@@ -24,9 +24,6 @@ class Backend:
 
     name = "numpy"
 
-    def is_array(self, x: Any) -> bool:
-        return isinstance(x, np.ndarray)
-
     def dtype(self, spec: Any) -> Any:
         """Resolve ``"float32"`` or a native dtype to this library's dtype object."""
         try:
@@ -94,9 +91,6 @@ class TorchBackend(Backend):
         import torch
 
         self.torch = torch
-
-    def is_array(self, x: Any) -> bool:
-        return isinstance(x, self.torch.Tensor)
 
     def dtype(self, spec: Any) -> Any:
         if isinstance(spec, self.torch.dtype):
