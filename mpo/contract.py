@@ -24,6 +24,7 @@ import opt_einsum
 
 __all__ = ["ContractionPlan", "apply_plan", "core_shapes", "dense_plan", "half_plans"]
 
+
 # Dynamic programming over pairings, scored by flops plus the size of what each
 # step writes ("combo"): opt_einsum's flop-optimal search picks paths with huge
 # intermediates (16x the size of x for 4096 x 4096 at R = 16), and 'greedy' was up to

@@ -19,7 +19,7 @@ def test_readme_examples_run_in_order_and_their_comments_hold(capsys):
     pytest.importorskip("torch")
     namespace: dict = {}
     for block in RUNNABLE:
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+        exec(compile(block, "README.md", "exec"), namespace)
     m = namespace["m"]
     assert (m.ranks, m.num_params) == ((16, 16, 16, 16), 37376)
     assert namespace["delta"].ranks == (32, 32, 32, 32)
