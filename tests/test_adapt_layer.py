@@ -239,10 +239,6 @@ class TestWrap:
         with pytest.raises(mpo.MPOError, match=r"lm_head.*q_proj.*v_proj"):
             mpo.adapt.wrap(self.model(), target_modules=["c_attn"], quiet=True)
 
-    def test_quantize_is_refused_until_qdota_exists(self):
-        with pytest.raises(mpo.MPOError, match=r"QDoTA"):
-            mpo.adapt.wrap(self.model(), quantize="nf4", quiet=True)
-
     def test_unknown_keyword_names_the_fields(self):
         with pytest.raises(mpo.MPOError, match="DoTAConfig fields are"):
             mpo.adapt.wrap(self.model(), lora_alpha=16, quiet=True)
@@ -257,6 +253,7 @@ class TestConfigErrors:
             ({"init": "gaussian"}, "init must be one of"),
             ({"dtype": "int8"}, "dtype must be one of"),
             ({"quantize": "int4"}, "quantize must be None or 'nf4'"),
+            ({"double_quant": True}, "double_quant applies to a quantized residual"),
             ({"shapes": {64: (4, 4, 2)}}, r"shapes\[64\] = \(4, 4, 2\) must be 5 factors"),
             ({"target_modules": ""}, "target_modules is empty"),
         ],

@@ -12,6 +12,7 @@ from mpo.adapt.checkpoint import export_delta, load_adapter, save_adapter
 from mpo.adapt.config import PAPER_TARGETS, DoTAConfig
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.plan import AdapterPlan, ModulePlan, plan
+from mpo.adapt.quant import QDoTALinear
 from mpo.adapt.wrap import (
     dota_layers,
     merge_and_unload,
@@ -27,6 +28,7 @@ __all__ = [
     "DoTAConfig",
     "DoTALinear",
     "ModulePlan",
+    "QDoTALinear",
     "dota_layers",
     "export_delta",
     "load_adapter",

@@ -69,6 +69,7 @@ from torch import nn
 import mpo
 from mpo.adapt.config import DoTAConfig
 from mpo.adapt.layer import DoTALinear
+from mpo.adapt.quant import QDoTALinear
 from mpo.adapt.targets import linear_modules, weight_shape
 from mpo.adapt.wrap import dota_layers, freeze_base, replace_module
 from mpo.errors import MPOError
@@ -297,9 +298,16 @@ def save_adapter(
     Raises:
         MPOError: the model has no DoTA layers, a layer lacks the adapter, the
             model has no ``dota_config`` for it, a core holds NaN or Inf (the
-            checkpoint could not be loaded), or ``path`` holds other files.
+            checkpoint could not be loaded), ``path`` holds other files, or the
+            model has QDoTA layers (not supported yet).
     """
     name, layers = _adapted_layers(model, adapter_name)
+    quantized = [qualified for qualified, layer in layers if isinstance(layer, QDoTALinear)]
+    if quantized:
+        raise MPOError(
+            f"{quantized[0]} is a QDoTA layer; saving QDoTA adapters is not supported yet: "
+            "call mpo.adapt.merge_and_unload(model) and save the merged model instead"
+        )
     config = getattr(model, "dota_config", {}).get(name)
     if not isinstance(config, DoTAConfig):
         raise MPOError(

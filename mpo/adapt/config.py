@@ -44,6 +44,8 @@ class DoTAConfig:
             ``"random"`` (the paper's ablation: Gaussian cores, the last zero).
         dtype: dtype of the trainable cores.
         quantize: ``None``, or ``"nf4"`` to store the residual in 4 bits (QDoTA).
+        double_quant: with ``quantize``, quantize the NF4 block scales too
+            (QLoRA's double quantization: about 0.4 bits less per weight).
 
     >>> DoTAConfig(rank=8).factor_shapes(4096, 11008)
     ((4, 4, 8, 8, 4), (4, 4, 43, 4, 4))
@@ -57,6 +59,7 @@ class DoTAConfig:
     init: str = "dota"
     dtype: str = "float32"
     quantize: str | None = None
+    double_quant: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -69,6 +72,8 @@ class DoTAConfig:
             raise MPOError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.quantize not in (None, "nf4"):
             raise MPOError(f"quantize must be None or 'nf4', got {self.quantize!r}")
+        if self.double_quant and self.quantize is None:
+            raise MPOError('double_quant applies to a quantized residual; pass quantize="nf4" too')
         if isinstance(self.target_modules, str) and not self.target_modules:
             raise MPOError("target_modules is empty; name modules, give a regex, or 'all-linear'")
         shapes = {int(dim): tuple(int(f) for f in factors) for dim, factors in self.shapes.items()}

@@ -1,10 +1,12 @@
 """Putting DoTA adapters into a model and taking them out again.
 
 ``wrap`` replaces each target linear layer in place by a
-:class:`~mpo.adapt.layer.DoTALinear` holding the original layer, freezes every
-other parameter, and decomposes the layers one at a time on their own device
-(nothing else of the model is copied). ``unwrap`` puts the original layers
-back; ``merge_and_unload`` puts back layers whose weights include the update.
+:class:`~mpo.adapt.layer.DoTALinear` holding the original layer (with
+``quantize="nf4"``, by a :class:`~mpo.adapt.quant.QDoTALinear` holding the
+4-bit residual instead), freezes every other parameter, and decomposes the
+layers one at a time on their own device (nothing else of the model is
+copied). ``unwrap`` puts the original layers back; ``merge_and_unload`` puts
+back layers whose weights include the update.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from mpo.adapt.config import DoTAConfig, resolve_config
 from mpo.adapt.layer import DoTALinear
+from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
 from mpo.adapt.targets import find_targets
 from mpo.errors import MPOError
 
@@ -28,10 +31,15 @@ __all__ = [
     "wrap",
 ]
 
+# bitsandbytes' quantized layers (subclasses of nn.Linear), recognised without importing it
+_QUANTIZED_LAYERS = ("Linear4bit", "LinearFP4", "LinearNF4", "Linear8bitLt")
 
-def dota_layers(model: nn.Module) -> list[tuple[str, DoTALinear]]:
-    """Every DoTA layer of ``model`` with its qualified name, in model order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, DoTALinear)]
+
+def dota_layers(model: nn.Module) -> list[tuple[str, DoTALinear | QDoTALinear]]:
+    """Every DoTA (and QDoTA) layer of ``model`` with its qualified name, in model order."""
+    return [
+        (name, m) for name, m in model.named_modules() if isinstance(m, (DoTALinear, QDoTALinear))
+    ]
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -61,6 +69,16 @@ def _restore_base(model: nn.Module) -> None:
     for attribute in ("_dota_trainable", "dota_config"):
         if hasattr(model, attribute):
             delattr(model, attribute)
+
+
+def _check_not_quantized(name: str, module: nn.Module) -> None:
+    """Refuse layers loaded in 4 or 8 bits (bitsandbytes): their weight cannot be decomposed."""
+    if not module.weight.is_floating_point() or type(module).__name__ in _QUANTIZED_LAYERS:
+        raise MPOError(
+            f"{name} is a {type(module).__name__}: adapting a model loaded in 4 or 8 bits is not "
+            "supported yet. Load it in bfloat16 and pass quantize='nf4' to wrap: QDoTA "
+            "decomposes the full-precision weight, then quantizes the residual"
+        )
 
 
 def _progress(items: list, enabled: bool | None, description: str) -> Any:
@@ -104,11 +122,6 @@ def wrap(
     ('DoTALinear', False)
     """
     resolved = resolve_config(config, overrides)
-    if resolved.quantize is not None:
-        raise MPOError(
-            f"quantize={resolved.quantize!r} (QDoTA) is not available yet; wrap the model "
-            "without it, or quantize nothing"
-        )
     existing = dota_layers(model)
     if existing:
         raise MPOError(
@@ -117,18 +130,29 @@ def wrap(
             "layer.update_layer(name, rank=...)"
         )
     targets = find_targets(model, resolved)
+    for name, module in targets:  # fail before anything changes
+        _check_not_quantized(name, module)
+        if resolved.quantize is not None:
+            require_bitsandbytes()
+            check_quantizable(module, name)
     freeze_base(model)
     for name, module in _progress(targets, progress, "DoTA: decomposing"):
         out_features, in_features = module.weight.shape
         if not isinstance(module, nn.Linear):  # Conv1D stores (in, out)
             out_features, in_features = in_features, out_features
-        layer = DoTALinear(
+        kind, extra = (
+            (QDoTALinear, {"double_quant": resolved.double_quant})
+            if resolved.quantize == "nf4"
+            else (DoTALinear, {})
+        )
+        layer = kind(
             module,
             adapter_name,
             rank=resolved.rank,
             shape=resolved.factor_shapes(out_features, in_features),
             init=resolved.init,
             dtype=resolved.dtype,
+            **extra,
         )
         replace_module(model, name, layer)
     model.dota_config = {adapter_name: resolved}
@@ -138,9 +162,18 @@ def wrap(
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts; buffers such as ``T0`` are not parameters."""
+    """``(trainable, total)`` parameter counts; buffers such as ``T0`` are not parameters.
+
+    A QDoTA layer's 4-bit residual counts as its ``out x in`` entries, as PEFT
+    counts a 4-bit base weight.
+    """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    total += sum(
+        layer.out_features * layer.in_features
+        for _, layer in dota_layers(model)
+        if isinstance(layer, QDoTALinear)
+    )
     return trainable, total
 
 
@@ -157,7 +190,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     A model that was never merged gets its base layers back untouched, so it
     computes exactly what it did before ``wrap``, and its parameters get back
     the ``requires_grad`` they had then.
+
+    Raises:
+        MPOError: the model has QDoTA layers, which hold a 4-bit residual instead
+            of ``W0`` and cannot give it back; reload the base model instead, or
+            keep the trained weights with :func:`merge_and_unload`.
     """
+    quantized = [name for name, layer in dota_layers(model) if isinstance(layer, QDoTALinear)]
+    if quantized:
+        raise MPOError(
+            f"{quantized[0]} is a QDoTA layer: it stores W0 - MPO(T0) in 4 bits, not W0, so "
+            "unwrap cannot restore the original weights; reload the base model, or call "
+            "mpo.adapt.merge_and_unload(model) for dense weights including the update"
+        )
     for name, layer in dota_layers(model):
         layer.unmerge()
         replace_module(model, name, layer.base_layer)
@@ -171,9 +216,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     The result has the original module types (``nn.Linear`` / ``Conv1D``), so
     a transformers model can be saved with ``save_pretrained`` and loaded with
     ``from_pretrained`` without mpo. Parameters get back the ``requires_grad``
-    they had before ``wrap``.
+    they had before ``wrap``. A QDoTA layer becomes an ``nn.Linear`` with weight
+    ``Dequant(W_res) + MPO(T)`` in the original weight's dtype.
     """
     for name, layer in dota_layers(model):
-        replace_module(model, name, layer.merge())
+        merged = layer.merge_and_unload() if isinstance(layer, QDoTALinear) else layer.merge()
+        replace_module(model, name, merged)
     _restore_base(model)
     return model

@@ -1,0 +1,291 @@
+"""QDoTA: the DoTA layer with its residual stored in 4 bits (NF4, bitsandbytes).
+
+For a pretrained weight ``W0`` (``out x in``) the layer decomposes ``W0`` in
+float32 first (TT-SVD at rank ``R``, cores ``T0``), then stores the residual
+
+    W_res = W0 - MPO(T0)
+
+as NF4 (``bitsandbytes.functional.quantize_4bit``, block size 64, optionally
+with the block scales quantized again: ``double_quant``), and computes
+
+    y = x Dequant(Q(W_res))^T + x MPO(T)^T + b
+
+in the input's dtype, with ``T`` the trainable cores (paper, section 3.3).
+Decomposing before quantizing matters: ``MPO(T0)`` carries the large singular
+directions of ``W0`` exactly, so only the smaller residual is rounded, and
+``Dequant(Q(W_res)) + MPO(T0)`` is closer to ``W0`` than QLoRA's
+``Dequant(Q(W0))``. ``W0`` itself is not kept: at initialisation the layer
+computes that approximation, not the base layer's output, and it cannot give
+``W0`` back (:func:`~mpo.adapt.unwrap` refuses; merging gives dense weights).
+
+The packed residual and its quantization statistics are ``uint8`` buffers, so
+``state_dict`` holds plain tensors (safetensors can save it) and
+``model.to(torch.bfloat16)`` leaves them alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import mpo
+from mpo.adapt.delta import Layout, delta_weight, factored_delta, halves
+from mpo.adapt.layer import _Cores, _dota_cores, _random_cores
+from mpo.errors import MPOError
+
+__all__ = ["QDoTALinear", "check_quantizable", "require_bitsandbytes"]
+
+_BLOCKSIZE = 64
+_NESTED_BLOCKSIZE = 256  # what quantize_4bit uses for the block scales with double_quant
+_DEVICES = ("cpu", "cuda")
+
+
+def require_bitsandbytes() -> tuple[Any, Any]:
+    """``(bitsandbytes, bitsandbytes.functional)``, or an error saying how to install them."""
+    try:
+        bnb = importlib.import_module("bitsandbytes")
+    except ImportError as err:
+        raise MPOError(
+            'QDoTA (quantize="nf4") needs bitsandbytes >= 0.46: pip install "mpo-dota[quant]"'
+        ) from err
+    return bnb, importlib.import_module("bitsandbytes.functional")
+
+
+def check_quantizable(module: nn.Module, name: str = "the layer") -> None:
+    """Raise :class:`MPOError` unless QDoTA can adapt ``module``: an ``nn.Linear`` on cpu/cuda."""
+    if type(module) is not nn.Linear:
+        raise MPOError(
+            f"{name} is a {type(module).__name__}; QDoTA adapts torch.nn.Linear layers "
+            "(Conv1D, as in GPT-2, is not supported yet)"
+        )
+    device = module.weight.device
+    if device.type not in _DEVICES:
+        raise MPOError(
+            f"{name}'s weight is on {device}; QDoTA quantizes on {' or '.join(_DEVICES)}: "
+            "load the model with real weights on one of those devices"
+        )
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+class _NF4(nn.Module):
+    """An ``(out, in)`` float32 matrix quantized to NF4; every buffer is raw ``uint8``.
+
+    ``weight`` holds the packed 4-bit codes; ``absmax``, ``quant_map`` (and, with
+    double quantization, ``nested_absmax``, ``nested_quant_map``, ``offset``)
+    are the bytes of bitsandbytes' ``QuantState`` tensors, viewed back on use.
+    """
+
+    def __init__(self, matrix: torch.Tensor, double_quant: bool) -> None:
+        super().__init__()
+        _, functional = require_bitsandbytes()
+        packed, state = functional.quantize_4bit(
+            matrix.detach().to(torch.float32).contiguous(),
+            blocksize=_BLOCKSIZE,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+        )
+        self.shape = tuple(matrix.shape)
+        self.double_quant = double_quant
+        self.register_buffer("weight", packed)
+        self.register_buffer("absmax", _bytes(state.absmax))
+        self.register_buffer("quant_map", _bytes(state.code))
+        if double_quant:
+            self.register_buffer("nested_absmax", _bytes(state.state2.absmax))
+            self.register_buffer("nested_quant_map", _bytes(state.state2.code))
+            self.register_buffer(
+                "offset", _bytes(torch.as_tensor(state.offset, dtype=torch.float32))
+            )
+
+    def state(self) -> Any:
+        """bitsandbytes' ``QuantState`` of the stored matrix (cheap: views of the buffers)."""
+        _, functional = require_bitsandbytes()
+        nested = {}
+        if self.double_quant:
+            nested = {
+                "offset": self.offset.view(torch.float32).reshape(()),
+                "state2": functional.QuantState(
+                    absmax=self.nested_absmax.view(torch.float32),
+                    code=self.nested_quant_map.view(torch.float32),
+                    blocksize=_NESTED_BLOCKSIZE,
+                    dtype=torch.float32,
+                ),
+            }
+        return functional.QuantState(
+            absmax=self.absmax.view(torch.uint8 if self.double_quant else torch.float32),
+            shape=torch.Size(self.shape),
+            code=self.quant_map.view(torch.float32),
+            blocksize=_BLOCKSIZE,
+            quant_type="nf4",
+            dtype=torch.float32,
+            **nested,
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """The stored matrix in float32 (``out x in``)."""
+        _, functional = require_bitsandbytes()
+        return functional.dequantize_4bit(self.weight, self.state())
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x Dequant^T + b`` in ``x``'s dtype; the backward dequantizes again, saving nothing."""
+        bnb, _ = require_bitsandbytes()
+        bias = None if bias is None else bias.to(x.dtype)
+        return bnb.matmul_4bit(x, self.weight.t(), self.state(), bias=bias)
+
+
+class QDoTALinear(nn.Module):
+    """An ``nn.Linear`` replaced by an NF4 residual plus trainable MPO cores (one adapter).
+
+    Args:
+        base_layer: the ``nn.Linear`` to adapt; its weight is decomposed and
+            quantized, then dropped (the layer keeps the bias, frozen).
+        adapter_name: name of the adapter.
+        rank: rank threshold ``R``.
+        shape: ``(row_factors, col_factors)`` of the ``(out, in)`` weight.
+        init: ``"dota"`` or ``"random"`` (then ``MPO(T0) = 0`` and the residual is ``W0``).
+        dtype: dtype of the cores (bfloat16, as in the paper).
+        double_quant: quantize the block scales too (QLoRA's double quantization).
+
+    >>> import torch
+    >>> base = torch.nn.Linear(64, 48)
+    >>> layer = QDoTALinear(base, rank=4, shape=((4, 3, 4), (4, 4, 4)))
+    >>> layer(torch.randn(2, 64)).shape
+    torch.Size([2, 48])
+    >>> sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    320
+    """
+
+    adapter_layer_names = ("dota_cores",)
+    other_param_names = ("dota_init",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        *,
+        rank: int = 16,
+        shape: tuple[Sequence[int], Sequence[int]] | None = None,
+        init: str = "dota",
+        dtype: torch.dtype | str = torch.bfloat16,
+        double_quant: bool = False,
+    ) -> None:
+        super().__init__()
+        require_bitsandbytes()
+        check_quantizable(base_layer)
+        weight = base_layer.weight
+        if init not in ("dota", "random"):
+            raise MPOError(f"init must be 'dota' or 'random', got {init!r}")
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        if shape is None:
+            shape = (mpo.factorize(self.out_features), mpo.factorize(self.in_features))
+        shape = (tuple(shape[0]), tuple(shape[1]))
+        #: dtype of the original weight: what merging returns by default
+        self.base_dtype = weight.dtype
+        self.bias = base_layer.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        matrix = weight.detach().to(torch.float32)
+        if init == "dota":
+            initial = _dota_cores(matrix, shape, rank, dtype)
+            layout = Layout(tuple(tuple(c.shape) for c in initial), False)
+            # the residual subtracts the cores as stored (in ``dtype``), so that
+            # Dequant(W_res) + MPO(T0) approximates W0 with only the NF4 rounding
+            dense = delta_weight([c.to(torch.float32) for c in initial], None, layout)
+            residual = matrix - dense
+        else:
+            initial = None
+            residual = matrix
+        cores = initial if initial is not None else _random_cores(shape, rank, dtype, matrix.device)
+        self.residual = _NF4(residual, double_quant)
+        self.dota_cores = nn.ModuleDict(
+            {adapter_name: nn.ParameterList([nn.Parameter(c.detach().clone()) for c in cores])}
+        )
+        self.dota_init = nn.ModuleDict()
+        if initial is not None:
+            self.dota_init[adapter_name] = _Cores([c.detach().clone() for c in initial])
+        operator = mpo.MPO([c.detach() for c in cores])
+        self.adapter_settings = {
+            adapter_name: {
+                "rank": rank,
+                "shape": [list(shape[0]), list(shape[1])],
+                "ranks": list(operator.ranks),
+                "init": init,
+                "dtype": str(dtype).removeprefix("torch."),
+                "quantize": "nf4",
+                "double_quant": double_quant,
+            }
+        }
+        self.active_adapter = adapter_name
+        self.disable_adapters = False
+
+    # -- adapter ---------------------------------------------------------------------
+
+    def cores(self, adapter_name: str | None = None) -> list[torch.Tensor]:
+        """The trainable cores ``T``."""
+        return list(self.dota_cores[adapter_name or self.active_adapter])
+
+    def initial_cores(self, adapter_name: str | None = None) -> list[torch.Tensor] | None:
+        """The frozen initial cores ``T0`` (``None`` for random init)."""
+        name = adapter_name or self.active_adapter
+        return self.dota_init[name].tensors() if name in self.dota_init else None
+
+    def layout(self) -> Layout:
+        return Layout(tuple(tuple(int(d) for d in c.shape) for c in self.cores()), False)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Off: the layer as at initialisation, ``x (Dequant(W_res) + MPO(T0))^T + b``."""
+        self.disable_adapters = not enabled
+
+    def get_delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """``MPO(T) - MPO(T0)`` (``out x in``, cores' dtype, detached): the trained update."""
+        name = adapter_name or self.active_adapter
+        return delta_weight(self.cores(name), self.initial_cores(name), self.layout())
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """``Dequant(W_res) + MPO(T)`` in float32 (``out x in``): the weight the layer applies."""
+        cores = [c.detach().to(torch.float32) for c in self.cores()]
+        return self.residual.dequantize() + delta_weight(cores, None, self.layout())
+
+    def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with weight :meth:`effective_weight` (default: the base dtype)."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or self.base_dtype
+        weight = self.effective_weight()
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=weight.device,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # -- forward ---------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.residual.matmul(x, self.bias)
+        cores = self.initial_cores() if self.disable_adapters else self.cores()
+        if cores is None:
+            return y
+        update = factored_delta(x, [halves(cores, self.layout())], self.layout())
+        return y + update.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        settings = self.adapter_settings[self.active_adapter]
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"adapter={self.active_adapter!r}, shape={tuple(map(tuple, settings['shape']))}, "
+            f"ranks={tuple(settings['ranks'])}, residual=nf4"
+            + (" (double quant)" if settings["double_quant"] else "")
+        )
