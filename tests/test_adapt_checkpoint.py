@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ from safetensors import safe_open  # noqa: E402
 import mpo  # noqa: E402
 from mpo.adapt import (  # noqa: E402
     DoTALinear,
+    QDoTALinear,
     dota_layers,
     trainable_parameters,
     unwrap,
@@ -514,3 +517,117 @@ def test_export_delta_is_a_detached_snapshot(init):
 def test_export_delta_needs_dota_layers():
     with pytest.raises(MPOError, match="no DoTA layers"):
         export_delta(llama())
+
+
+# -- QDoTA: T and T0 saved, the 4-bit residual rebuilt from the base weights ----------
+
+needs_bitsandbytes = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="QDoTA needs bitsandbytes"
+)
+
+
+def qdota(init: str = "dota", double_quant: bool = False, dtype: str = "float32"):
+    """A tiny LLaMA with QDoTA layers, trained two steps (so T != T0)."""
+    return adapted(llama, quantize="nf4", init=init, double_quant=double_quant, dtype=dtype)
+
+
+@needs_bitsandbytes
+@pytest.mark.parametrize("init", ["dota", "random"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-double"])
+def test_qdota_round_trip_gives_the_saved_models_output_exactly(init, double_quant, tmp_path):
+    model = qdota(init, double_quant, dtype="bfloat16")
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(llama(), tmp_path / "adapter")
+    assert torch.equal(logits(loaded), logits(model))
+    assert not torch.equal(logits(loaded), logits(llama()))
+
+
+@needs_bitsandbytes
+@pytest.mark.parametrize("init", ["dota", "random"])
+def test_qdota_round_trip_rebuilds_the_residual_bytes_and_settings(init, tmp_path):
+    model = qdota(init, double_quant=True)
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(llama(), tmp_path / "adapter")
+    saved_layers, loaded_layers = dota_layers(model), dota_layers(loaded)
+    assert [name for name, _ in loaded_layers] == [name for name, _ in saved_layers]
+    for (_, saved), (_, layer) in zip(saved_layers, loaded_layers, strict=True):
+        assert type(layer) is QDoTALinear
+        assert layer.adapter_settings == saved.adapter_settings
+        residual, saved_residual = layer.residual.state_dict(), saved.residual.state_dict()
+        assert residual.keys() == saved_residual.keys()
+        assert all(torch.equal(residual[k], saved_residual[k]) for k in residual)
+        assert all(
+            torch.equal(bits(a), bits(b)) for a, b in zip(layer.cores(), saved.cores(), strict=True)
+        )
+
+
+@needs_bitsandbytes
+def test_qdota_tensors_file_holds_the_cores_and_not_the_residual(tmp_path):
+    model = qdota()
+    save_adapter(model, tmp_path / "adapter")
+    with safe_open(tmp_path / "adapter" / WEIGHTS_NAME, framework="pt") as handle:
+        keys = set(handle.keys())
+    groups = {key.rsplit(".", 2)[1] for key in keys}
+    assert groups == {"dota_cores", "dota_init"}
+    assert len(keys) == 2 * 3 * len(dota_layers(model))
+
+
+@needs_bitsandbytes
+def test_qdota_config_records_the_quantization(tmp_path):
+    save_adapter(qdota(double_quant=True), tmp_path / "adapter")
+    data = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert (data["config"]["quantize"], data["config"]["double_quant"]) == ("nf4", True)
+    assert data["modules"][FIRST]["kind"] == "Linear"
+
+
+@needs_bitsandbytes
+def test_loaded_qdota_model_trains_only_the_cores(tmp_path):
+    model = qdota()
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(llama(), tmp_path / "adapter")
+    assert trainable_parameters(loaded) == trainable_parameters(model)
+    assert all(("dota_cores" in name) == p.requires_grad for name, p in loaded.named_parameters())
+    assert not any(name.endswith("q_proj.weight") for name, _ in loaded.named_parameters())
+
+
+@needs_bitsandbytes
+def test_loading_a_qdota_checkpoint_without_bitsandbytes_names_the_extra(tmp_path, monkeypatch):
+    save_adapter(qdota(), tmp_path / "adapter")
+    real_import = importlib.import_module
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name.startswith("bitsandbytes"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", no_bitsandbytes)
+    base = llama()
+    before = snapshot(base)
+    with pytest.raises(MPOError, match=r'pip install "mpo-dota\[quant\]"'):
+        load_adapter(base, tmp_path / "adapter")
+    assert_untouched(base, before)
+
+
+@needs_bitsandbytes
+def test_loading_a_qdota_checkpoint_into_a_wrapped_model_is_refused(tmp_path):
+    save_adapter(qdota(), tmp_path / "adapter")
+    model = wrap(llama(), quantize="nf4", rank=2, num_cores=3, quiet=True)
+    before = snapshot(model)
+    with pytest.raises(MPOError, match="already has DoTA layers"):
+        load_adapter(model, tmp_path / "adapter")
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[key], before[key]) for key in before)
+
+
+@needs_bitsandbytes
+def test_save_refuses_layers_the_config_does_not_describe(tmp_path):
+    model = qdota(double_quant=True)
+    model.dota_config = {
+        "default": dataclasses.replace(
+            model.dota_config["default"], quantize=None, double_quant=False
+        )
+    }
+    with pytest.raises(MPOError, match=rf"{FIRST} has quantize='nf4', double_quant=True"):
+        save_adapter(model, tmp_path / "adapter")
+    assert os.listdir(tmp_path) == []

@@ -170,11 +170,41 @@ class TestWrap:
         with torch.no_grad():
             assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-3)
 
-    def test_save_adapter_refuses_until_qdota_checkpoints_exist(self, tmp_path):
+    def test_transformers_trainer_trains_the_cores(self, tmp_path):
+        transformers = pytest.importorskip("transformers")
         model = mpo.adapt.wrap(tiny_llama(), quantize="nf4", rank=4, num_cores=2, quiet=True)
-        with pytest.raises(mpo.MPOError, match=r"QDoTA layer.*merge_and_unload"):
-            mpo.adapt.save_adapter(model, tmp_path / "adapter")
-        assert not (tmp_path / "adapter").exists()
+        ids = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))
+        before = [
+            c.detach().clone() for _, layer in mpo.adapt.dota_layers(model) for c in layer.cores()
+        ]
+        args = transformers.TrainingArguments(
+            output_dir=tmp_path,
+            max_steps=3,
+            per_device_train_batch_size=2,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+        )
+        data = [{"input_ids": row, "labels": row} for row in ids]
+        transformers.Trainer(model=model, args=args, train_dataset=data).train()
+        after = [c.detach() for _, layer in mpo.adapt.dota_layers(model) for c in layer.cores()]
+        assert not any(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+        assert all(isinstance(layer, QDoTALinear) for _, layer in mpo.adapt.dota_layers(model))
+
+    def test_merge_and_unload_rounds_the_effective_weight_to_the_chosen_dtype(self):
+        layer = QDoTALinear(linear(trained_like()), rank=8, shape=SHAPE)
+        with torch.no_grad():
+            layer.cores()[-1].add_(0.05)
+        merged = layer.merge_and_unload(dtype="bfloat16")
+        assert type(merged) is torch.nn.Linear
+        assert merged.weight.dtype == merged.bias.dtype == torch.bfloat16
+        assert torch.equal(merged.weight, layer.effective_weight().to(torch.bfloat16))
+        assert torch.equal(merged.bias, layer.bias.to(torch.bfloat16))
+        x = torch.randn(3, 256)
+        with torch.no_grad():
+            expected = layer(x)
+            y = merged(x.to(torch.bfloat16)).float()
+        assert torch.allclose(y, expected, rtol=2e-2, atol=2e-2 * expected.abs().max())
 
     def test_unwrap_refuses_and_names_the_way_out(self):
         model = mpo.adapt.wrap(tiny_llama(), quantize="nf4", rank=4, num_cores=2, quiet=True)

@@ -1,11 +1,12 @@
-"""Adapter-only checkpoints of DoTA models, and the trained update as an :class:`~mpo.MPO`.
+"""Adapter-only checkpoints of DoTA and QDoTA models, and the update as an :class:`~mpo.MPO`.
 
 A checkpoint is a folder holding two files, named as PEFT names them:
 
 ``adapter_config.json``
     ``method`` (``"dota"``), ``format_version`` (an integer, now 1), ``mpo_version``,
     ``adapter_name``, ``base_model_name_or_path`` (or ``null``), ``config`` (the
-    :class:`~mpo.adapt.config.DoTAConfig` as ``to_dict()`` writes it) and ``modules``:
+    :class:`~mpo.adapt.config.DoTAConfig` as ``to_dict()`` writes it; its ``quantize``
+    and ``double_quant`` say whether the layers are QDoTA layers) and ``modules``:
     for each adapted module, by qualified name, its ``kind`` (``"Linear"`` or
     ``"Conv1D"``), ``weight_shape`` ``[out, in]``, ``row_factors`` ``[I_1..I_N]``,
     ``col_factors`` ``[J_1..J_N]``, bond ``ranks`` ``[R_1..R_{N-1}]``, rank threshold
@@ -14,15 +15,25 @@ A checkpoint is a folder holding two files, named as PEFT names them:
     the cores and nothing else: ``<module>.dota_cores.<k>``, the trained ``T_k``, and
     (for ``init="dota"``) ``<module>.dota_init.<k>``, the frozen ``T0_k``, each of
     shape ``(R_{k-1}, I_k, J_k, R_k)`` and describing the ``(out, in)`` matrix (also
-    for ``Conv1D``), in the cores' dtype. No base weights, nothing pickled. The file
-    is the cores' bytes (twice the trainable parameters for ``init="dota"``, once
-    for ``"random"``) plus a JSON header.
+    for ``Conv1D``), in the cores' dtype. No base weights, no 4-bit residual,
+    nothing pickled. The file is the cores' bytes (twice the trainable parameters
+    for ``init="dota"``, once for ``"random"``) plus a JSON header.
+
+A QDoTA layer (``quantize="nf4"``) is loaded by recomputing its residual
+``W_res = W0 - MPO(T0)`` (``W0`` for ``init="random"``) from the base weight and
+the stored ``T0``, in float32 as :class:`~mpo.adapt.quant.QDoTALinear` computes
+it, and quantizing it to NF4 again; nothing is decomposed.
 
 Guarantees:
 
 * **Bit-identical.** :func:`load_adapter` restores every ``T_k`` and ``T0_k`` bit for
   bit and never writes a base weight, so on the same base weights, input and
   device the loaded model's output equals the saved model's (``torch.equal``).
+  For QDoTA this holds on the same machine and versions of torch and
+  bitsandbytes: ``T0`` is stored exactly and computing and quantizing the
+  residual is deterministic, so the rebuilt NF4 bytes equal the saved model's.
+  On another device or library version a few residual entries may round to
+  a neighbouring NF4 level, so the outputs agree only closely.
 * **Atomic.** :func:`save_adapter` writes both files into a hidden sibling folder
   and renames it into place; a folder already at the path is first renamed
   aside and deleted after. At any moment the path holds the old checkpoint,
@@ -69,7 +80,7 @@ from torch import nn
 import mpo
 from mpo.adapt.config import DoTAConfig
 from mpo.adapt.layer import DoTALinear
-from mpo.adapt.quant import QDoTALinear
+from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
 from mpo.adapt.targets import linear_modules, weight_shape
 from mpo.adapt.wrap import dota_layers, freeze_base, replace_module
 from mpo.errors import MPOError
@@ -181,11 +192,11 @@ def _kind(module: nn.Module) -> str:
     return "Linear" if isinstance(module, nn.Linear) else "Conv1D"
 
 
-def _record_of(layer: DoTALinear, adapter_name: str) -> _Record:
+def _record_of(layer: DoTALinear | QDoTALinear, adapter_name: str) -> _Record:
     settings = layer.adapter_settings[adapter_name]
     cores = layer.cores(adapter_name)
     return _Record(
-        kind=_kind(layer.base_layer),
+        kind="Conv1D" if layer.layout().transposed else "Linear",
         weight_shape=(layer.out_features, layer.in_features),
         row_factors=tuple(int(c.shape[1]) for c in cores),
         col_factors=tuple(int(c.shape[2]) for c in cores),
@@ -230,6 +241,27 @@ def _check_adapter_name(name: Any, where: str) -> str:
             "pass adapter_name='default' (or another such name)"
         )
     return name
+
+
+def _quantization(layer: DoTALinear | QDoTALinear) -> tuple[str | None, bool]:
+    """``(quantize, double_quant)`` of a layer, as a :class:`DoTAConfig` names them."""
+    if isinstance(layer, QDoTALinear):
+        return "nf4", layer.residual.double_quant
+    return None, False
+
+
+def _check_quantization(
+    qualified: str, layer: DoTALinear | QDoTALinear, config: DoTAConfig
+) -> None:
+    """Refuse a layer the config does not describe: the loader builds layers from the config."""
+    found = _quantization(layer)
+    if found != (config.quantize, config.double_quant):
+        raise MPOError(
+            f"{qualified} has quantize={found[0]!r}, double_quant={found[1]} but model.dota_config "
+            f"says quantize={config.quantize!r}, double_quant={config.double_quant}; the "
+            "checkpoint would load differently: save a model adapted by mpo.adapt.wrap or "
+            "mpo.adapt.load_adapter, unchanged since"
+        )
 
 
 # -- saving --------------------------------------------------------------------------
@@ -295,25 +327,24 @@ def save_adapter(
     folder remains; if the process dies between the two renames, ``path`` is
     absent (loading it fails) and the old checkpoint is in that sibling.
 
+    For QDoTA layers the file holds ``T`` and ``T0`` only, not the 4-bit
+    residual: :func:`load_adapter` rebuilds it from the base weights.
+
     Raises:
         MPOError: the model has no DoTA layers, a layer lacks the adapter, the
-            model has no ``dota_config`` for it, a core holds NaN or Inf (the
-            checkpoint could not be loaded), ``path`` holds other files, or the
-            model has QDoTA layers (not supported yet).
+            model has no ``dota_config`` for it or a layer's quantization
+            disagrees with it, a core holds NaN or Inf (the checkpoint could not
+            be loaded), or ``path`` holds other files.
     """
     name, layers = _adapted_layers(model, adapter_name)
-    quantized = [qualified for qualified, layer in layers if isinstance(layer, QDoTALinear)]
-    if quantized:
-        raise MPOError(
-            f"{quantized[0]} is a QDoTA layer; saving QDoTA adapters is not supported yet: "
-            "call mpo.adapt.merge_and_unload(model) and save the merged model instead"
-        )
     config = getattr(model, "dota_config", {}).get(name)
     if not isinstance(config, DoTAConfig):
         raise MPOError(
             f"model.dota_config has no DoTAConfig for adapter {name!r}; save a model adapted by "
             "mpo.adapt.wrap or mpo.adapt.load_adapter"
         )
+    for qualified, layer in layers:
+        _check_quantization(qualified, layer, config)
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, Any] = {}
     for qualified, layer in layers:
@@ -505,10 +536,14 @@ def load_adapter(
     is at most :data:`FORMAT_VERSION`; every module it names is a
     ``nn.Linear``/``Conv1D`` of the recorded kind and ``(out, in)`` shape; the
     tensors file holds every core with the recorded shape and dtype, all
-    finite. The layers are then built from the stored cores as they are (no
+    finite; for a QDoTA checkpoint (config ``quantize="nf4"``) also that
+    bitsandbytes is installed and every module is an ``nn.Linear`` on cpu or
+    cuda. The layers are then built from the stored cores as they are (no
     decomposition), on the device of each base weight, and, as
     :func:`~mpo.adapt.wrap` does, every other parameter is frozen and
-    ``model.dota_config`` is set. Base weights are never written.
+    ``model.dota_config`` is set. Base weights are never written. QDoTA layers
+    get the residual ``W0 - MPO(T0)`` recomputed and quantized as
+    :class:`~mpo.adapt.quant.QDoTALinear` does, and drop ``W0``, as ``wrap`` does.
 
     Parameters:
         model: the base model the adapter was trained on, without DoTA layers.
@@ -540,6 +575,11 @@ def load_adapter(
     header = _read_header(config_file)
     name = _check_adapter_name(adapter_name or header.adapter_name, "adapter_name")
     modules = _find_modules(model, header, config_file)
+    quantized = header.config.quantize == "nf4"
+    if quantized:
+        require_bitsandbytes()
+        for module_name, module in modules.items():
+            check_quantizable(module, module_name)
     tensors = _read_tensors(weights_file, header, strict=strict)
 
     flags = freeze_base(model)
@@ -553,14 +593,21 @@ def load_adapter(
                 if record.init == "dota"
                 else None
             )
-            layer = DoTALinear.from_cores(
-                base,
-                cores,
-                initial,
-                adapter_name=name,
-                rank=record.rank,
-                init="random" if initial is None else "dota",
-            )
+            init = "random" if initial is None else "dota"
+            if quantized:
+                layer = QDoTALinear.from_cores(
+                    base,
+                    cores,
+                    initial,
+                    adapter_name=name,
+                    rank=record.rank,
+                    init=init,
+                    double_quant=header.config.double_quant,
+                )
+            else:
+                layer = DoTALinear.from_cores(
+                    base, cores, initial, adapter_name=name, rank=record.rank, init=init
+                )
             replace_module(model, module_name, layer)
             replaced.append((module_name, base))
         model.dota_config = {name: header.config}

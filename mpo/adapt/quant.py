@@ -20,7 +20,9 @@ computes that approximation, not the base layer's output, and it cannot give
 
 The packed residual and its quantization statistics are ``uint8`` buffers, so
 ``state_dict`` holds plain tensors (safetensors can save it) and
-``model.to(torch.bfloat16)`` leaves them alone.
+``model.to(torch.bfloat16)`` leaves them alone. Adapter checkpoints
+(:mod:`mpo.adapt.checkpoint`) hold only ``T`` and ``T0``: :meth:`QDoTALinear.from_cores`
+computes and quantizes the residual again from the base weight, as the constructor does.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ def check_quantizable(module: nn.Module, name: str = "the layer") -> None:
             f"{name}'s weight is on {device}; QDoTA quantizes on {' or '.join(_DEVICES)}: "
             "load the model with real weights on one of those devices"
         )
+
+
+def _copy(core: torch.Tensor) -> torch.Tensor:
+    return core.detach().clone(memory_format=torch.contiguous_format)
 
 
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -178,46 +184,89 @@ class QDoTALinear(nn.Module):
         super().__init__()
         require_bitsandbytes()
         check_quantizable(base_layer)
-        weight = base_layer.weight
         if init not in ("dota", "random"):
             raise MPOError(f"init must be 'dota' or 'random', got {init!r}")
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
         if shape is None:
-            shape = (mpo.factorize(self.out_features), mpo.factorize(self.in_features))
+            shape = (mpo.factorize(base_layer.out_features), mpo.factorize(base_layer.in_features))
         shape = (tuple(shape[0]), tuple(shape[1]))
+        matrix = base_layer.weight.detach().to(torch.float32)
+        if init == "dota":
+            initial = _dota_cores(matrix, shape, rank, dtype)
+            cores = initial
+        else:
+            initial = None
+            cores = _random_cores(shape, rank, dtype, matrix.device)
+        self._build(base_layer, adapter_name, cores, initial, rank, init, double_quant)
+
+    @classmethod
+    def from_cores(
+        cls,
+        base_layer: nn.Module,
+        cores: Sequence[torch.Tensor],
+        initial_cores: Sequence[torch.Tensor] | None,
+        *,
+        adapter_name: str = "default",
+        rank: int,
+        init: str = "dota",
+        double_quant: bool = False,
+    ) -> QDoTALinear:
+        """A layer with the given ``T`` and ``T0``, without decomposing (checkpoint loading).
+
+        The residual ``W0 - MPO(T0)`` (``W0`` if ``initial_cores`` is ``None``) is
+        computed and quantized exactly as the constructor does, so the same base
+        weight and ``T0`` give the same bytes on the same device.
+        """
+        require_bitsandbytes()
+        check_quantizable(base_layer)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._build(base_layer, adapter_name, cores, initial_cores, rank, init, double_quant)
+        return layer
+
+    def _build(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        cores: Sequence[torch.Tensor],
+        initial: Sequence[torch.Tensor] | None,
+        rank: int,
+        init: str,
+        double_quant: bool,
+    ) -> None:
+        self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        operator = mpo.MPO([c.detach() for c in cores])  # validates the chain
+        if operator.shape != (self.out_features, self.in_features):
+            raise MPOError(
+                f"cores describe a {operator.shape[0]} x {operator.shape[1]} matrix but the "
+                f"layer's weight is {self.out_features} x {self.in_features} (out x in)"
+            )
+        weight = base_layer.weight
         #: dtype of the original weight: what merging returns by default
         self.base_dtype = weight.dtype
         self.bias = base_layer.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        matrix = weight.detach().to(torch.float32)
-        if init == "dota":
-            initial = _dota_cores(matrix, shape, rank, dtype)
-            layout = Layout(tuple(tuple(c.shape) for c in initial), False)
-            # the residual subtracts the cores as stored (in ``dtype``), so that
+        residual = weight.detach().to(torch.float32)
+        if initial is not None:
+            # the residual subtracts the cores as stored (in their dtype), so that
             # Dequant(W_res) + MPO(T0) approximates W0 with only the NF4 rounding
-            dense = delta_weight([c.to(torch.float32) for c in initial], None, layout)
-            residual = matrix - dense
-        else:
-            initial = None
-            residual = matrix
-        cores = initial if initial is not None else _random_cores(shape, rank, dtype, matrix.device)
+            layout = Layout(tuple(tuple(c.shape) for c in initial), False)
+            residual = residual - delta_weight([c.to(torch.float32) for c in initial], None, layout)
         self.residual = _NF4(residual, double_quant)
         self.dota_cores = nn.ModuleDict(
-            {adapter_name: nn.ParameterList([nn.Parameter(c.detach().clone()) for c in cores])}
+            {adapter_name: nn.ParameterList([nn.Parameter(_copy(c)) for c in cores])}
         )
         self.dota_init = nn.ModuleDict()
         if initial is not None:
-            self.dota_init[adapter_name] = _Cores([c.detach().clone() for c in initial])
-        operator = mpo.MPO([c.detach() for c in cores])
+            self.dota_init[adapter_name] = _Cores([_copy(c) for c in initial])
         self.adapter_settings = {
             adapter_name: {
                 "rank": rank,
-                "shape": [list(shape[0]), list(shape[1])],
+                "shape": [[int(c.shape[1]) for c in cores], [int(c.shape[2]) for c in cores]],
                 "ranks": list(operator.ranks),
                 "init": init,
-                "dtype": str(dtype).removeprefix("torch."),
+                "dtype": str(operator.dtype).removeprefix("torch."),
                 "quantize": "nf4",
                 "double_quant": double_quant,
             }
