@@ -7,6 +7,8 @@ import torch
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
+from conftest import TINY_LLAMA  # noqa: E402
+
 import mpo  # noqa: E402
 import mpo.adapt  # noqa: E402
 from mpo.adapt import QDoTALinear  # noqa: E402
@@ -45,14 +47,7 @@ def nf4(matrix):
 
 def tiny_llama():
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = transformers.LlamaConfig(**TINY_LLAMA)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config)
 
