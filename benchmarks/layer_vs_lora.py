@@ -199,6 +199,11 @@ def make_contenders(
     ours = {}
     for rank in ranks:
         ours[rank] = DoTALinear(base, rank=rank)
+        # Move the cores off their initial values, as training does: an untrained
+        # adapter's update is exactly zero and generation skips it.
+        with torch.no_grad():
+            for core in ours[rank].cores():
+                core.add_(0.01 * torch.randn_like(core))
         for strategy in STRATEGIES:
             contenders[f"ours R={rank} {strategy}"] = Contender(ours[rank], strategy)
     for r in LORA_RANKS:

@@ -314,3 +314,17 @@ def test_conv1d_layer_matches_its_updated_weight(strategy):
     with torch.no_grad():
         expected = x @ (base.weight + layer.get_delta_weight()) + base.bias
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["dota", "random"])
+def test_generation_without_autograd_is_exact_at_init_and_agrees_after_training(init):
+    base = linear()
+    layer = DoTALinear(base, rank=4, shape=SHAPE, init=init)
+    layer.strategy = "factored"
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(layer(x), base(x))
+    perturb(layer)
+    with_autograd = layer(x).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), with_autograd, rtol=1e-5, atol=1e-6)
