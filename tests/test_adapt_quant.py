@@ -165,6 +165,14 @@ class TestWrap:
         with torch.no_grad():
             assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-3)
 
+    def test_model_level_merge_takes_a_dtype_for_the_quantized_layers(self):
+        model = mpo.adapt.wrap(tiny_llama(), quantize="nf4", rank=4, num_cores=2, quiet=True)
+        expected = model.model.layers[0].self_attn.q_proj.effective_weight()
+        merged = mpo.adapt.merge_and_unload(model, dtype=torch.bfloat16)
+        q_proj = merged.model.layers[0].self_attn.q_proj
+        assert q_proj.weight.dtype == torch.bfloat16
+        assert torch.equal(q_proj.weight, expected.to(torch.bfloat16))
+
     def test_transformers_trainer_trains_the_cores(self, tmp_path):
         transformers = pytest.importorskip("transformers")
         model = mpo.adapt.wrap(tiny_llama(), quantize="nf4", rank=4, num_cores=2, quiet=True)

@@ -210,17 +210,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
     """Fold each adapter into its layer's weight and return the plain model.
 
     The result has the original module types (``nn.Linear`` / ``Conv1D``), so
     a transformers model can be saved with ``save_pretrained`` and loaded with
     ``from_pretrained`` without mpo. Parameters get back the ``requires_grad``
     they had before ``wrap``. A QDoTA layer becomes an ``nn.Linear`` with weight
-    ``Dequant(W_res) + MPO(T)`` in the original weight's dtype.
+    ``Dequant(W_res) + MPO(T)``, rounded once to ``dtype`` (``"bfloat16"``, a
+    torch dtype; default: the original weight's dtype). A DoTA layer keeps its
+    weight's dtype: ``W0 + Delta`` is rounded to it when merging.
     """
     for name, layer in dota_layers(model):
-        merged = layer.merge_and_unload() if isinstance(layer, QDoTALinear) else layer.merge()
-        replace_module(model, name, merged)
+        quantized = isinstance(layer, QDoTALinear)
+        replace_module(model, name, layer.merge_and_unload(dtype) if quantized else layer.merge())
     _restore_base(model)
     return model
