@@ -33,8 +33,6 @@ from mpo.errors import MPOError
 
 __all__ = ["find_targets", "linear_modules", "weight_shape"]
 
-Pattern = Sequence[str] | str | None
-
 
 def _linear_types() -> tuple[type[nn.Module], ...]:
     # Conv1D is looked up only if transformers already defined it: a model

@@ -19,7 +19,7 @@ from torch import nn
 from mpo.adapt.config import DoTAConfig, resolve_config
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
-from mpo.adapt.targets import find_targets
+from mpo.adapt.targets import find_targets, weight_shape
 from mpo.errors import MPOError
 
 __all__ = [
@@ -130,26 +130,24 @@ def wrap(
             "layer.update_layer(name, rank=...)"
         )
     targets = find_targets(model, resolved)
+    if resolved.quantize is not None:
+        require_bitsandbytes()
     for name, module in targets:  # fail before anything changes
         _check_not_quantized(name, module)
         if resolved.quantize is not None:
-            require_bitsandbytes()
             check_quantizable(module, name)
+    kind, extra = (
+        (QDoTALinear, {"double_quant": resolved.double_quant})
+        if resolved.quantize == "nf4"
+        else (DoTALinear, {})
+    )
     freeze_base(model)
     for name, module in _progress(targets, progress, "DoTA: decomposing"):
-        out_features, in_features = module.weight.shape
-        if not isinstance(module, nn.Linear):  # Conv1D stores (in, out)
-            out_features, in_features = in_features, out_features
-        kind, extra = (
-            (QDoTALinear, {"double_quant": resolved.double_quant})
-            if resolved.quantize == "nf4"
-            else (DoTALinear, {})
-        )
         layer = kind(
             module,
             adapter_name,
             rank=resolved.rank,
-            shape=resolved.factor_shapes(out_features, in_features),
+            shape=resolved.factor_shapes(*weight_shape(module)),
             init=resolved.init,
             dtype=resolved.dtype,
             **extra,
