@@ -46,12 +46,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -65,6 +63,7 @@ import torch
 from tensorly.decomposition import tensor_train_matrix
 
 import mpo
+from mpo.atomic import write_json
 
 SIZES: tuple[tuple[int, int], ...] = ((4096, 4096), (11008, 4096))
 RANKS: tuple[int, ...] = (16, 64)
@@ -461,21 +460,6 @@ def print_report(results: list[CaseResult]) -> None:
     ]
     print(f"\nload average at end: {_load_average()}")
     print(f"all bars: {'PASS' if not failed else 'FAIL (' + '; '.join(failed) + ')'}")
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a reader never sees half a file, and a crash leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(temp, 0o644)  # mkstemp makes it private; results are for sharing
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
 
 
 def to_json(

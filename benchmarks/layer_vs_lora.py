@@ -74,7 +74,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -91,6 +90,7 @@ import mpo
 import mpo.adapt
 from mpo.adapt import DoTALinear
 from mpo.adapt.delta import choose
+from mpo.atomic import write_json
 
 SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (11008, 4096))  # (out, in)
 RANKS: tuple[int, ...] = (16, 32)
@@ -619,21 +619,6 @@ def _case_json(r: CaseResult) -> dict[str, Any]:
         "passes": {rank: r.passes(rank) for rank in r.ranks},
         "spread": r.spread,
     }
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a reader never sees half a file, and a crash leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(temp, 0o644)  # mkstemp makes it private; results are for sharing
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
 
 
 # --- command line ---------------------------------------------------------------------------

@@ -20,17 +20,14 @@ parameters) to ``--out``. Run with ``python dev.py demo`` or directly.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 import mpo
+from mpo.atomic import write_bytes, write_csv, write_json
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -86,18 +83,6 @@ def analyse(name: str, W: np.ndarray) -> list[dict]:
     return rows
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename, so no half-written file is left."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def table(rows: list[dict]) -> str:
     header = (
         f"{'matrix':<14} {'R':>3} {'params':>8} {'x smaller':>9} {'MPO err':>8} "
@@ -136,7 +121,7 @@ def plot(rows: list[dict], path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    write_atomically(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def main() -> None:
@@ -155,12 +140,8 @@ def main() -> None:
     print(table(rows))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.out / "results.json", json.dumps(rows, indent=2).encode())
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(args.out / "results.csv", text.getvalue().encode())
+    write_json(args.out / "results.json", rows)
+    write_csv(args.out / "results.csv", rows)
     written = ["results.json", "results.csv"]
     if not args.no_plot:
         plot(rows, args.out / "compression.png")

@@ -272,7 +272,7 @@ def _fail(*args, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "target", [(safetensors_torch, "save_file"), (json, "dump")], ids=["tensors", "config"]
+    "target", [(safetensors_torch, "save_file"), (json, "dumps")], ids=["tensors", "config"]
 )
 def test_failed_save_keeps_the_old_checkpoint_and_leaves_no_temporary_folder(
     target, tmp_path, monkeypatch

@@ -66,8 +66,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +81,7 @@ from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
 from mpo.adapt.targets import linear_modules, weight_shape
 from mpo.adapt.wrap import dota_layers, freeze_base, replace_module
+from mpo.atomic import staged_folder, write_json
 from mpo.errors import MPOError
 from mpo.operator import MPO
 
@@ -267,17 +266,6 @@ def _check_quantization(
 # -- saving --------------------------------------------------------------------------
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk, so that a rename made after it publishes written data."""
-    if path.is_dir() and os.name == "nt":  # Windows cannot open a folder to flush it
-        return
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _check_target(target: Path) -> None:
     """Refuse a path whose current content a swap would delete, beyond an old checkpoint."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
@@ -294,22 +282,6 @@ def _check_target(target: Path) -> None:
                 f"{', ...' if len(others) > 3 else ''}); saving replaces the whole folder, so "
                 "save the adapter to its own folder, e.g. a subfolder 'adapter'"
             )
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an old ``target`` is renamed aside first, then deleted."""
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    backup = staging.with_suffix(".old")
-    os.rename(target, backup)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    # the new checkpoint is in place; a backup left behind would only cost disk space
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def save_adapter(
@@ -370,21 +342,10 @@ def save_adapter(
     }
     target = Path(path)
     _check_target(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         metadata = {"format": "pt", "method": "dota", "format_version": str(FORMAT_VERSION)}
         safetensors.torch.save_file(tensors, staging / WEIGHTS_NAME, metadata=metadata)
-        with open(staging / CONFIG_NAME, "w", encoding="utf-8") as handle:
-            json.dump(header, handle, indent=2)
-            handle.write("\n")
-        for file in (staging / WEIGHTS_NAME, staging / CONFIG_NAME, staging):
-            _fsync(file)
-        _publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _fsync(target.parent)
+        write_json(staging / CONFIG_NAME, header)
 
 
 # -- loading -------------------------------------------------------------------------
