@@ -44,10 +44,6 @@ their spectra decay little more than a Gaussian's and the errors stay close to 1
 from __future__ import annotations
 
 import argparse
-import ctypes
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -60,6 +56,7 @@ from typing import Any
 import numpy as np
 import tensorly as tl
 import torch
+from _common import load_average, machine_info, table, verdict
 from tensorly.decomposition import tensor_train_matrix
 
 import mpo
@@ -131,76 +128,6 @@ class CaseResult:
             "error_torch": self.error_gap("torch") <= ERROR_BAR,
             "memory": self.peak_memory_ratio <= MEMORY_BAR,
         }
-
-
-# --- machine details ------------------------------------------------------------------------
-
-
-def _numpy_blas_threads() -> int | None:
-    """Threads numpy's BLAS uses; None where it cannot be asked (not an OpenBLAS build)."""
-    try:
-        from threadpoolctl import threadpool_info  # optional; knows every BLAS
-
-        pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
-        # torch may bring a BLAS of its own; numpy's is the one shipped inside numpy.
-        pools.sort(key=lambda p: "numpy" not in p.get("filepath", ""))
-        return int(pools[0]["num_threads"]) if pools else None
-    except ImportError:
-        pass
-    # Without threadpoolctl: numpy's wheels ship scipy-openblas, whose symbols are prefixed.
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    paths = {line.split()[-1] for line in maps.splitlines() if "openblas" in line.lower()}
-    names = (
-        "scipy_openblas_get_num_threads64_",
-        "scipy_openblas_get_num_threads",
-        "openblas_get_num_threads64_",
-        "openblas_get_num_threads",
-    )
-    for path in sorted(paths):
-        library = ctypes.CDLL(path)
-        for name in names:
-            if hasattr(library, name):
-                return int(getattr(library, name)())
-    return None
-
-
-def _numpy_blas_name() -> str:
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        return f"{blas['name']} {blas['version']}"
-    except (TypeError, KeyError):  # numpy < 1.26 has no mode="dicts"
-        return "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    thread_vars = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(affinity) if affinity is not None else None,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numpy_blas": _numpy_blas_name(),
-        "numpy_blas_threads": _numpy_blas_threads(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "tensorly": tl.__version__,
-        "mpo": mpo.__version__,
-        "env": {name: os.environ.get(name, "unset") for name in thread_vars},
-        # Other jobs on the machine skew every time; the ratios less so, as the calls alternate.
-        "load_average_at_start": _load_average(),
-    }
-
-
-def _load_average() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -333,21 +260,6 @@ def run_case(case: Case, repeats: int, warm_tensorly: bool) -> CaseResult:
 # --- reporting ------------------------------------------------------------------------------
 
 
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = [header, ["-" * width for width in widths], *rows]
-    return "\n".join(
-        "| "
-        + " | ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-        + " |"
-        for line in lines
-    )
-
-
 def speed_table(results: list[CaseResult]) -> str:
     header = [
         "matrix",
@@ -371,14 +283,14 @@ def speed_table(results: list[CaseResult]) -> str:
                 r.case.label,
                 str(r.case.rank),
                 f"{r.numpy_ratio:.1f}x",
-                _verdict(ok["numpy_speed"]),
+                verdict(ok["numpy_speed"]),
                 f"{r.torch_ratio:.1f}x",
-                _verdict(ok["torch_speed"]),
+                verdict(ok["torch_speed"]),
                 *medians,
                 f"{r.spread:.1f}x",
             ]
         )
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def accuracy_table(results: list[CaseResult]) -> str:
@@ -406,12 +318,12 @@ def accuracy_table(results: list[CaseResult]) -> str:
                 f"{r.errors['tensorly_numpy']:.7f}",
                 f"{r.error_gap('numpy'):.1e}",
                 f"{r.error_gap('torch'):.1e}",
-                _verdict(ok["error_numpy"] and ok["error_torch"]),
+                verdict(ok["error_numpy"] and ok["error_torch"]),
                 f"{r.peak_memory_ratio:.2f}x",
-                _verdict(ok["memory"]),
+                verdict(ok["memory"]),
             ]
         )
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def print_header(info: dict[str, Any], repeats: int, warm_tensorly: bool) -> None:
@@ -458,7 +370,7 @@ def print_report(results: list[CaseResult]) -> None:
         for name, ok in r.passes().items()
         if not ok
     ]
-    print(f"\nload average at end: {_load_average()}")
+    print(f"\nload average at end: {load_average()}")
     print(f"all bars: {'PASS' if not failed else 'FAIL (' + '; '.join(failed) + ')'}")
 
 
@@ -490,7 +402,7 @@ def to_json(
     }
     return {
         "machine": info,
-        "load_average_at_end": _load_average(),
+        "load_average_at_end": load_average(),
         "repeats": repeats,
         "tensorly_warmed_up": warm_tensorly,
         "bars": bars,
@@ -518,7 +430,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spectra = ["gaussian", "decaying"] if args.spectrum == "both" else [args.spectrum]
-    info = machine_info()
+    info = machine_info(libraries=(tl,))
     print_header(info, args.repeats, args.warm_tensorly)
     warm_up_tensorly()
     results = []

@@ -61,18 +61,11 @@ peft import, e.g. from the repository root with ``PYTHONPATH=.``::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import datetime
 import gc
 import json
 import math
-import os
-import platform
 import re
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -83,10 +76,10 @@ from typing import Any
 import peft
 import torch
 import transformers
+from _common import PeakMeter, load_average, machine_info, run_memory_worker, table, verdict
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-import mpo
 import mpo.adapt
 from mpo.adapt import DoTALinear
 from mpo.adapt.delta import choose
@@ -107,48 +100,6 @@ MAX_CALLS_PER_SAMPLE = 200
 MEMORY_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 MEMORY_BATCH = (4, 256)
 MEMORY_METHODS = ("dota", "lora")
-
-
-# --- machine details ------------------------------------------------------------------------
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load_average() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": name,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(affinity) if affinity is not None else None,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-        "mpo": mpo.__version__,
-        "env": {var: os.environ.get(var, "unset") for var in thread_vars},
-        # Other jobs on the machine skew every time; the ratios less so, as calls alternate.
-        "load_average_at_start": _load_average(),
-    }
 
 
 # --- the contenders -------------------------------------------------------------------------
@@ -343,55 +294,6 @@ def run_case(
 # --- memory (each contender in a fresh subprocess) -------------------------------------------
 
 
-def _proc_status_kib(key: str) -> int:
-    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    if match is None:
-        raise OSError(f"/proc/self/status has no {key}")
-    return int(match.group(1))
-
-
-def _release_free_memory() -> None:
-    """Collect garbage and hand freed heap pages back, so the baseline is what is live."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class _PeakMeter:
-    """Peak memory above the level at ``start()``: CUDA allocator, else the process's RSS."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.method = ""
-
-    def start(self) -> None:
-        _release_free_memory()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.method = "torch.cuda.max_memory_allocated - memory_allocated before"
-            return
-        try:
-            self.base = _proc_status_kib("VmRSS") * 1024
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            self.method = "VmHWM during the step - VmRSS before (malloc_trim'd)"
-        except OSError:  # not Linux: the process-lifetime peak, which may hide the step's
-            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            self.method = "ru_maxrss after - ru_maxrss before (lower bound)"
-
-    def peak(self) -> tuple[int, int]:
-        """``(peak above the start level, absolute peak)`` in bytes."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            absolute = torch.cuda.max_memory_allocated(self.device)
-        elif self.method.startswith("VmHWM"):
-            absolute = _proc_status_kib("VmHWM") * 1024
-        else:
-            absolute = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return absolute - self.base, absolute
-
-
 def memory_worker(method: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """One AdamW step of the small LLaMA with ``method``'s adapters; its peak memory."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -425,7 +327,7 @@ def memory_worker(method: str, device: torch.device, dtype: torch.dtype) -> dict
     batch = torch.randint(
         0, config.vocab_size, MEMORY_BATCH, generator=torch.Generator().manual_seed(0)
     ).to(device)
-    meter = _PeakMeter(device)
+    meter = PeakMeter(device)
     meter.start()
     loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
@@ -445,22 +347,11 @@ def memory_worker(method: str, device: torch.device, dtype: torch.dtype) -> dict
 
 def measure_memory(device: torch.device, dtype: str) -> dict[str, Any]:
     """Run :func:`memory_worker` for each method in a fresh interpreter."""
-    root = str(Path(mpo.__file__).resolve().parents[1])  # so the child imports this mpo
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    # glibc keeps freed blocks up to 32 MiB for reuse, so the RSS peak would count what
-    # happened to be cached (it moved LoRA's peak by a third between runs). A fixed mmap
-    # threshold returns every block >= 64 KiB to the system on free: RSS follows live tensors.
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     results: dict[str, Any] = {}
     for method in MEMORY_METHODS:
-        command = [sys.executable, __file__, "--memory-worker", method]
-        command += ["--device", str(device), "--dtype", dtype]
-        command += ["--threads", str(torch.get_num_threads())]
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory worker {method!r} failed:\n{done.stderr[-4000:]}")
-        results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+        options = ["--device", str(device), "--dtype", dtype]
+        options += ["--threads", str(torch.get_num_threads())]
+        results[method] = run_memory_worker(__file__, method, options)
     results["ratio"] = results["dota"]["peak_step_bytes"] / results["lora"]["peak_step_bytes"]
     results["passes"] = results["ratio"] <= MEMORY_BAR
     results["dtype"] = dtype
@@ -468,21 +359,6 @@ def measure_memory(device: torch.device, dtype: str) -> dict[str, Any]:
 
 
 # --- reporting ------------------------------------------------------------------------------
-
-
-def _verdict(ok: bool | None) -> str:
-    return "-" if ok is None else "PASS" if ok else "FAIL"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = [header, ["-" * width for width in widths], *rows]
-    return "\n".join(
-        "| "
-        + " | ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-        + " |"
-        for line in lines
-    )
 
 
 def _ms(seconds: float) -> str:
@@ -520,7 +396,7 @@ def ratio_table(results: list[CaseResult]) -> str:
                     _ms(r.median("frozen")),
                     f"{r.ratio(f'ours R={rank} auto'):.2f}x",
                     "-" if r.bar is None else f"<= {r.bar:g}x",
-                    _verdict(r.passes(rank)),
+                    verdict(r.passes(rank)),
                     chose,
                     f"{r.ratio(f'ours R={rank} dense'):.2f}x",
                     f"{r.ratio(f'ours R={rank} factored'):.2f}x",
@@ -529,7 +405,7 @@ def ratio_table(results: list[CaseResult]) -> str:
                     f"{r.spread:.1f}x",
                 ]
             )
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def memory_table(memory: dict[str, Any]) -> str:
@@ -544,7 +420,7 @@ def memory_table(memory: dict[str, Any]) -> str:
         ]
         for m in MEMORY_METHODS
     ]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def print_header(info: dict[str, Any], args: argparse.Namespace) -> None:
@@ -602,11 +478,11 @@ def print_report(train: list[CaseResult], forward: list[CaseResult], memory: Any
         print(memory_table(memory))
         print(
             f"\nours / LoRA r=32 (step peak): {memory['ratio']:.2f}x, bar <= {MEMORY_BAR:g}x: "
-            f"{_verdict(memory['passes'])}; measured as {memory['dota']['measured_as']}"
+            f"{verdict(memory['passes'])}; measured as {memory['dota']['measured_as']}"
         )
         if not memory["passes"]:
             failed.append("memory")
-    print(f"\nload average at end: {_load_average()}")
+    print(f"\nload average at end: {load_average()}")
     print(f"all bars: {'PASS' if not failed else 'FAIL (' + '; '.join(failed) + ')'}", flush=True)
 
 
@@ -680,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, args.dtype[0])
         print(json.dumps(memory_worker(args.memory_worker, device, dtype)))
         return 0
-    info = machine_info(device)
+    info = machine_info(device, libraries=(peft, transformers))
     print_header(info, args)
     train: list[CaseResult] = []
     forward: list[CaseResult] = []
@@ -690,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             payload = {
                 "machine": info,
-                "load_average_at_end": _load_average(),
+                "load_average_at_end": load_average(),
                 "arguments": {k: v for k, v in vars(args).items() if k != "out"},
                 "bars": {
                     "train_max_ratio": TRAIN_BARS,

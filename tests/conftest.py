@@ -54,3 +54,65 @@ def to_numpy64(x) -> np.ndarray:
 def rel_error(approx, exact) -> float:
     a, e = to_numpy64(approx), to_numpy64(exact)
     return float(np.linalg.norm(a - e) / np.linalg.norm(e))
+
+
+def byte_level_tokenizer():
+    """A tokenizer with one token per UTF-8 byte plus <s>, </s> and <pad>, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for special in ("<s>", "</s>", "<pad>"):
+        vocab[special] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """A local transformers folder: a 2-layer LLaMA (hidden 64) and a byte-level tokenizer."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = byte_level_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def instruction_data(tmp_path_factory):
+    """(train.json, test.json): a true/false task in the LLM-Adapters format, 48 + 8 records."""
+    import json
+
+    def record(a: int, b: int) -> dict:
+        answer = "true" if a > b else "false"
+        return {
+            "instruction": f"Is {a} greater than {b}? Answer true or false.",
+            "input": "",
+            "output": f"the correct answer is {answer}",
+            "answer": answer,
+        }
+
+    pairs = [(a, (a * 7 + 3) % 50) for a in range(56)]
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "train.json").write_text(json.dumps([record(a, b) for a, b in pairs[:48]]))
+    (folder / "test.json").write_text(json.dumps([record(a, b) for a, b in pairs[48:]]))
+    return folder / "train.json", folder / "test.json"

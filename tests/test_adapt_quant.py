@@ -1,6 +1,7 @@
 """QDoTA: a 4-bit NF4 residual ``W0 - MPO(T0)`` plus trainable cores."""
 
 import builtins
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from conftest import TINY_LLAMA  # noqa: E402
 import mpo  # noqa: E402
 import mpo.adapt  # noqa: E402
 from mpo.adapt import QDoTALinear  # noqa: E402
-from mpo.adapt.delta import Layout, delta_weight  # noqa: E402
+from mpo.adapt.delta import Layout, choose, delta_weight  # noqa: E402
+from mpo.adapt.quant import float_weight  # noqa: E402
 
 SHAPE = ((4, 4, 4, 4), (4, 4, 4, 4))
 
@@ -45,11 +47,59 @@ def nf4(matrix):
     return bnb_functional.dequantize_4bit(packed, state)
 
 
-def tiny_llama():
+def tiny_llama(**overrides):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(**TINY_LLAMA)
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config)
+
+
+def linear_4bit(weight, bias=True, quant_type="nf4"):
+    """A bitsandbytes ``Linear4bit`` holding ``weight``, quantized on the move to the cpu.
+
+    Its block scales are quantized again (``Params4bit``'s default double quantization).
+    """
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=bias, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type)
+    if bias:
+        with torch.no_grad():
+            layer.bias.copy_(torch.linspace(-1, 1, weight.shape[0]))
+    return layer.to("cpu")
+
+
+# bitsandbytes' cpu inference kernel (eval mode, no grad, AVX512-BF16) needs in_features >= 64
+WIDER = {"hidden_size": 64, "intermediate_size": 128}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama(**WIDER).save_pretrained(folder)
+    return folder
+
+
+def load_in_4bit(folder):
+    """The tiny LLaMA as ``from_pretrained`` loads it with a 4-bit ``BitsAndBytesConfig``.
+
+    With bitsandbytes >= 0.46 this works on the cpu (``device_map="cpu"``): the
+    linear layers become ``Linear4bit`` with NF4 weights, as on a GPU.
+    """
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=config, device_map="cpu"
+    )
+
+
+def wrap_4bit(model):
+    """``wrap(model, quantize="nf4")``, returning the model and the warnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mpo.adapt.wrap(model, quantize="nf4", rank=4, num_cores=2, quiet=True)
+    return model, caught
 
 
 def test_residual_is_quantized_after_decomposing():
@@ -88,6 +138,22 @@ def test_only_the_cores_get_gradients():
     assert all(core.grad is not None and core.grad.abs().sum() > 0 for core in layer.cores())
     assert x.grad is not None
     assert layer.bias.grad is None
+
+
+@pytest.mark.parametrize("rows", [3, 2048])  # the factored and the dense strategy
+def test_gradients_of_the_cores_match_autograd_through_the_dense_weight(rows):
+    layer = QDoTALinear(linear(trained_like()), rank=8, shape=SHAPE, dtype=torch.float32)
+    with torch.no_grad():
+        layer.cores()[-1].add_(0.05)
+    expected = "factored" if rows == 3 else "dense"
+    assert choose(rows, layer.layout(), training=True, with_init=False) == expected
+    x = torch.randn(rows, 256)
+    layer(x).square().mean().backward()
+    leaves = [core.detach().clone().requires_grad_(True) for core in layer.cores()]
+    weight = layer.residual.dequantize() + mpo.MPO(leaves).to_dense()
+    torch.nn.functional.linear(x, weight, layer.bias).square().mean().backward()
+    for core, leaf in zip(layer.cores(), leaves, strict=True):
+        assert torch.allclose(core.grad, leaf.grad, rtol=1e-4, atol=1e-6 * leaf.grad.abs().max())
 
 
 def test_disabled_adapter_gives_the_layer_at_initialisation():
@@ -216,6 +282,116 @@ class TestWrap:
         assert len(mpo.adapt.dota_layers(model)) == 10
 
 
+class TestFourBitInput:
+    """A model loaded in 4 bits: W0 is dequantized, decomposed, and the residual requantized."""
+
+    @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+    def test_effective_weight_requantizes_the_dequantized_weight(self, quant_type):
+        base = linear_4bit(trained_like(), quant_type=quant_type)
+        w0 = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+        layer = QDoTALinear(base, rank=16, shape=SHAPE)
+        t0 = mpo_dense(layer.initial_cores())
+        expected = nf4(w0 - t0) + t0
+        effective = layer.effective_weight()
+        assert torch.allclose(effective, expected, rtol=0, atol=2**-8 * expected.abs().max())
+        assert torch.equal(layer.bias, base.bias)
+        assert layer.base_dtype == torch.float32  # the weight's dtype before quantization
+
+    def test_wrap_replaces_every_target_and_warns_once(self, tiny_llama_folder):
+        model, caught = wrap_4bit(load_in_4bit(tiny_llama_folder))
+        layers = mpo.adapt.dota_layers(model)
+        assert len(layers) == 10
+        assert all(isinstance(layer, QDoTALinear) for _, layer in layers)
+        assert len(caught) == 1
+        assert caught[0].category is UserWarning
+        assert caught[0].filename == __file__  # points at the caller of wrap
+        assert "already carries quantization error" in str(caught[0].message)
+        assert "loaded in bfloat16 or float32" in str(caught[0].message)
+
+    def test_trainable_share_counts_the_4_bit_weights_as_entries(self, tiny_llama_folder):
+        _, total = mpo.adapt.trainable_parameters(tiny_llama(**WIDER))
+        model, _ = wrap_4bit(load_in_4bit(tiny_llama_folder))
+        trainable, quantized_total = mpo.adapt.trainable_parameters(model)
+        assert quantized_total == total + trainable
+
+    def test_forward_is_close_to_the_4_bit_model_at_initialisation(self, tiny_llama_folder):
+        ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+        model = load_in_4bit(tiny_llama_folder)
+        with torch.no_grad():  # may repack the 4-bit weights for the cpu kernel, before wrap
+            before = model(input_ids=ids).logits
+            after = wrap_4bit(model)[0](input_ids=ids).logits
+        assert after.shape == before.shape
+        assert torch.allclose(after, before, atol=0.1 * before.abs().max())
+
+    def test_a_weight_repacked_for_the_cpu_kernel_is_read_back(self):
+        weight = trained_like()
+        base = linear_4bit(weight).eval()
+        expected = float_weight(linear_4bit(weight))
+        with torch.no_grad():
+            base(torch.randn(2, 256, dtype=torch.bfloat16))
+        # where the cpu has AVX512-BF16 the repacking rounds the block scales to bfloat16, and
+        # bitsandbytes' inverse quantizes them again (to 8 bits: double quantization)
+        assert torch.allclose(float_weight(base), expected, rtol=2**-5, atol=0)
+        layer = QDoTALinear(base, rank=16, shape=SHAPE)
+        assert (layer.effective_weight() - expected).norm() < 0.1 * expected.norm()
+
+    def test_only_the_cores_get_gradients(self, tiny_llama_folder):
+        model, _ = wrap_4bit(load_in_4bit(tiny_llama_folder))
+        ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        assert with_grad == trainable
+        assert len(trainable) == 10 * 2
+        assert all(".dota_cores.default." in name for name in trainable)
+
+    def test_a_few_adamw_steps_reduce_the_loss(self, tiny_llama_folder):
+        model, _ = wrap_4bit(load_in_4bit(tiny_llama_folder))
+        ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for _ in range(8):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.05
+
+    def test_adapter_loads_bit_identically_onto_the_same_4_bit_base(
+        self, tiny_llama_folder, tmp_path
+    ):
+        model, _ = wrap_4bit(load_in_4bit(tiny_llama_folder))
+        with torch.no_grad():
+            for _, layer in mpo.adapt.dota_layers(model):
+                layer.cores()[-1].add_(0.05)
+        mpo.adapt.save_adapter(model, tmp_path / "adapter")
+        restored = mpo.adapt.load_adapter(load_in_4bit(tiny_llama_folder), tmp_path / "adapter")
+        ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(restored(input_ids=ids).logits, model(input_ids=ids).logits)
+
+    def test_a_full_precision_adapter_is_refused_on_a_4_bit_base(self, tiny_llama_folder, tmp_path):
+        transformers = pytest.importorskip("transformers")
+        full = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_folder)
+        mpo.adapt.wrap(full, rank=4, num_cores=2, quiet=True)
+        mpo.adapt.save_adapter(full, tmp_path / "adapter")
+        base = load_in_4bit(tiny_llama_folder)
+        before = {name: type(m) for name, m in base.named_modules()}
+        with pytest.raises(mpo.MPOError, match=r"loaded in 4 bits.*quantize='nf4'"):
+            mpo.adapt.load_adapter(base, tmp_path / "adapter")
+        assert {name: type(m) for name, m in base.named_modules()} == before
+
+    def test_merge_and_unload_returns_the_dtype_before_quantization(self, tiny_llama_folder):
+        model, _ = wrap_4bit(load_in_4bit(tiny_llama_folder))
+        expected = model.model.layers[0].self_attn.q_proj.effective_weight()
+        merged = mpo.adapt.merge_and_unload(model)
+        q_proj = merged.model.layers[0].self_attn.q_proj
+        assert type(q_proj) is torch.nn.Linear
+        assert q_proj.weight.dtype == torch.float32  # the checkpoint's dtype
+        assert torch.equal(q_proj.weight, expected)
+
+
 class TestErrors:
     def test_missing_bitsandbytes_names_the_extra(self, monkeypatch):
         real_import = builtins.__import__
@@ -238,13 +414,20 @@ class TestErrors:
         with pytest.raises(mpo.MPOError, match=r"q_proj's weight is on meta"):
             mpo.adapt.wrap(model, quantize="nf4", rank=4, num_cores=2, quiet=True)
 
-    def test_a_model_loaded_in_4_bits_is_refused(self):
+    def test_a_model_loaded_in_4_bits_needs_quantize_nf4(self):
+        model = torch.nn.Sequential()
+        model.add_module("q_proj", linear_4bit(trained_like(64, 64)))
+        with pytest.raises(mpo.MPOError, match=r"q_proj is a Linear4bit.*Pass quantize='nf4'"):
+            mpo.adapt.wrap(model, rank=4, num_cores=2, quiet=True)
+        assert not mpo.adapt.dota_layers(model)
+
+    @pytest.mark.parametrize("quantize", [None, "nf4"])
+    def test_a_model_loaded_in_8_bits_is_refused(self, quantize):
         bnb = pytest.importorskip("bitsandbytes")
         model = torch.nn.Sequential()
-        model.add_module("q_proj", bnb.nn.Linear4bit(64, 64, quant_type="nf4"))
-        for quantize in (None, "nf4"):
-            with pytest.raises(mpo.MPOError, match=r"Linear4bit.*Load it in bfloat16"):
-                mpo.adapt.wrap(model, quantize=quantize, rank=4, num_cores=2, quiet=True)
+        model.add_module("q_proj", bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).to("cpu"))
+        with pytest.raises(mpo.MPOError, match=r"Linear8bitLt.*8 bits.*Load it in bfloat16"):
+            mpo.adapt.wrap(model, quantize=quantize, rank=4, num_cores=2, quiet=True)
 
     def test_conv1d_is_not_supported_yet(self):
         transformers = pytest.importorskip("transformers")

@@ -22,7 +22,11 @@ DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 # A fenced block: its language, then its body. An output block directly follows its code.
 FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```[ \t]*$", flags=re.DOTALL | re.MULTILINE)
-API_PAGES = {"mpo": "api/mpo/index.html", "mpo.adapt": "api/adapt/index.html"}
+API_PAGES = {
+    "mpo": "api/mpo/index.html",
+    "mpo.adapt": "api/adapt/index.html",
+    "mpo.finetune": "api/finetune/index.html",
+}
 
 
 def examples(page: Path) -> list[tuple[str, str | None]]:

@@ -8,6 +8,7 @@
 >>> y = model(x)   # equals the base model's output at initialisation
 """
 
+from mpo.adapt.analyze import Analysis, AnalysisRow, analyze
 from mpo.adapt.checkpoint import export_delta, load_adapter, save_adapter
 from mpo.adapt.config import PAPER_TARGETS, DoTAConfig
 from mpo.adapt.layer import DoTALinear
@@ -25,10 +26,13 @@ from mpo.adapt.wrap import (
 __all__ = [
     "PAPER_TARGETS",
     "AdapterPlan",
+    "Analysis",
+    "AnalysisRow",
     "DoTAConfig",
     "DoTALinear",
     "ModulePlan",
     "QDoTALinear",
+    "analyze",
     "dota_layers",
     "export_delta",
     "load_adapter",

@@ -80,7 +80,7 @@ from mpo.adapt.config import DoTAConfig
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
 from mpo.adapt.targets import linear_modules, weight_shape
-from mpo.adapt.wrap import dota_layers, freeze_base, replace_module
+from mpo.adapt.wrap import check_precision, dota_layers, freeze_base, replace_module
 from mpo.atomic import staged_folder, write_json
 from mpo.errors import MPOError
 from mpo.operator import MPO
@@ -539,7 +539,9 @@ def load_adapter(
     quantized = header.config.quantize == "nf4"
     if quantized:
         require_bitsandbytes()
-        for module_name, module in modules.items():
+    for module_name, module in modules.items():
+        check_precision(module_name, module, header.config.quantize)
+        if quantized:
             check_quantizable(module, module_name)
     tensors = _read_tensors(weights_file, header, strict=strict)
 

@@ -10,7 +10,9 @@ with the block scales quantized again: ``double_quant``), and computes
 
     y = x Dequant(Q(W_res))^T + x MPO(T)^T + b
 
-in the input's dtype, with ``T`` the trainable cores (paper, section 3.3).
+in the input's dtype, with ``T`` the trainable cores (paper, section 3.3). The update
+``x MPO(T)^T`` is computed as a DoTA layer computes its own (:mod:`mpo.adapt.delta`):
+through the two halves of the MPO for few rows, by a blocked rebuild for many.
 Decomposing before quantizing matters: ``MPO(T0)`` carries the large singular
 directions of ``W0`` exactly, so only the smaller residual is rounded, and
 ``Dequant(Q(W_res)) + MPO(T0)`` is closer to ``W0`` than QLoRA's
@@ -23,11 +25,19 @@ The packed residual and its quantization statistics are ``uint8`` buffers, so
 ``model.to(torch.bfloat16)`` leaves them alone. Adapter checkpoints
 (:mod:`mpo.adapt.checkpoint`) hold only ``T`` and ``T0``: :meth:`QDoTALinear.from_cores`
 computes and quantizes the residual again from the base weight, as the constructor does.
+
+The base layer may also be bitsandbytes' ``Linear4bit`` (NF4 or FP4), as
+transformers' ``BitsAndBytesConfig(load_in_4bit=True)`` loads it: ``W0`` is
+then ``Dequant(Q(W0))``, dequantized to float32 and treated as above. Its
+quantization error stays in the layer (the residual is quantized on top of
+it), so decomposing the full-precision weight is the better start.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,11 +45,18 @@ import torch
 from torch import nn
 
 import mpo
-from mpo.adapt.delta import Layout, delta_weight, factored_delta, halves
+from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, halves
 from mpo.adapt.layer import _Cores, _dota_cores, _random_cores
 from mpo.errors import MPOError
 
-__all__ = ["QDoTALinear", "check_quantizable", "require_bitsandbytes"]
+__all__ = [
+    "QDoTALinear",
+    "check_quantizable",
+    "float_weight",
+    "is_4bit",
+    "nf4_round_trip",
+    "require_bitsandbytes",
+]
 
 _BLOCKSIZE = 64
 _NESTED_BLOCKSIZE = 256  # what quantize_4bit uses for the block scales with double_quant
@@ -57,12 +74,57 @@ def require_bitsandbytes() -> tuple[Any, Any]:
     return bnb, importlib.import_module("bitsandbytes.functional")
 
 
+def is_4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is bitsandbytes' ``Linear4bit`` (``LinearNF4``, ``LinearFP4`` too).
+
+    >>> is_4bit(torch.nn.Linear(4, 4))
+    False
+    """
+    # A model holding a Linear4bit has imported bitsandbytes; other models need not import it.
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight of an ``nn.Linear`` or ``Linear4bit`` in float32, detached.
+
+    For a ``Linear4bit`` this is ``Dequant(Q(W0))``, or the weight as it is if
+    bitsandbytes has not quantized it yet (it does so on the move to a device).
+    A weight bitsandbytes repacked for its cpu kernel is first put back in its
+    usual layout, in place, as bitsandbytes does before saving.
+
+    >>> float_weight(torch.nn.Linear(3, 2).to(torch.bfloat16)).dtype
+    torch.float32
+    """
+    weight = module.weight
+    if is_4bit(module) and weight.quant_state is not None:
+        _, functional = require_bitsandbytes()
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # The first forward in eval mode without grad on an AVX512-BF16 cpu repacks the
+            # weight for bitsandbytes' cpu kernel; dequantize_4bit reads the usual layout,
+            # which bitsandbytes itself restores so (before saving, or moving to a gpu).
+            weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+        return functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+    return weight.detach().to(torch.float32)
+
+
+def _original_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the weight before bitsandbytes quantized it (its own dtype otherwise)."""
+    state = getattr(module.weight, "quant_state", None) if is_4bit(module) else None
+    return module.weight.dtype if state is None else state.dtype
+
+
 def check_quantizable(module: nn.Module, name: str = "the layer") -> None:
-    """Raise :class:`MPOError` unless QDoTA can adapt ``module``: an ``nn.Linear`` on cpu/cuda."""
-    if type(module) is not nn.Linear:
+    """Raise :class:`MPOError` unless QDoTA can adapt ``module``.
+
+    That is an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` on cpu or cuda.
+    """
+    if type(module) is not nn.Linear and not is_4bit(module):
         raise MPOError(
-            f"{name} is a {type(module).__name__}; QDoTA adapts torch.nn.Linear layers "
-            "(Conv1D, as in GPT-2, is not supported yet)"
+            f"{name} is a {type(module).__name__}; QDoTA adapts torch.nn.Linear and "
+            "bitsandbytes' Linear4bit layers (Conv1D, as in GPT-2, is not supported yet)"
         )
     device = module.weight.device
     if device.type not in _DEVICES:
@@ -145,11 +207,26 @@ class _NF4(nn.Module):
         return bnb.matmul_4bit(x, self.weight.t(), self.state(), bias=bias)
 
 
+def nf4_round_trip(matrix: torch.Tensor, *, double_quant: bool = False) -> torch.Tensor:
+    """``Dequant(Q(matrix))`` in float32: a matrix as a QDoTA layer stores its residual.
+
+    NF4 with block size 64 (and, with ``double_quant``, 8-bit block scales), the
+    quantizer of :class:`QDoTALinear`; for comparing QDoTA with QLoRA and QPiSSA.
+
+    >>> matrix = torch.randn(64, 64)
+    >>> error = (nf4_round_trip(matrix) - matrix).norm() / matrix.norm()
+    >>> 0.05 < float(error) < 0.15
+    True
+    """
+    return _NF4(matrix, double_quant).dequantize()
+
+
 class QDoTALinear(nn.Module):
     """An ``nn.Linear`` replaced by an NF4 residual plus trainable MPO cores (one adapter).
 
     Args:
-        base_layer: the ``nn.Linear`` to adapt; its weight is decomposed and
+        base_layer: the ``nn.Linear`` (or bitsandbytes ``Linear4bit``, whose
+            weight is dequantized first) to adapt; its weight is decomposed and
             quantized, then dropped (the layer keeps the bias, frozen).
         adapter_name: name of the adapter.
         rank: rank threshold ``R``.
@@ -190,14 +267,14 @@ class QDoTALinear(nn.Module):
         if shape is None:
             shape = (mpo.factorize(base_layer.out_features), mpo.factorize(base_layer.in_features))
         shape = (tuple(shape[0]), tuple(shape[1]))
-        matrix = base_layer.weight.detach().to(torch.float32)
+        matrix = float_weight(base_layer)
         if init == "dota":
             initial = _dota_cores(matrix, shape, rank, dtype)
             cores = initial
         else:
             initial = None
             cores = _random_cores(shape, rank, dtype, matrix.device)
-        self._build(base_layer, adapter_name, cores, initial, rank, init, double_quant)
+        self._build(base_layer, matrix, adapter_name, cores, initial, rank, init, double_quant)
 
     @classmethod
     def from_cores(
@@ -221,12 +298,16 @@ class QDoTALinear(nn.Module):
         check_quantizable(base_layer)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._build(base_layer, adapter_name, cores, initial_cores, rank, init, double_quant)
+        matrix = float_weight(base_layer)
+        layer._build(
+            base_layer, matrix, adapter_name, cores, initial_cores, rank, init, double_quant
+        )
         return layer
 
     def _build(
         self,
         base_layer: nn.Module,
+        matrix: torch.Tensor,
         adapter_name: str,
         cores: Sequence[torch.Tensor],
         initial: Sequence[torch.Tensor] | None,
@@ -241,13 +322,12 @@ class QDoTALinear(nn.Module):
                 f"cores describe a {operator.shape[0]} x {operator.shape[1]} matrix but the "
                 f"layer's weight is {self.out_features} x {self.in_features} (out x in)"
             )
-        weight = base_layer.weight
-        #: dtype of the original weight: what merging returns by default
-        self.base_dtype = weight.dtype
+        #: dtype of the original weight (before any 4-bit loading): what merging returns by default
+        self.base_dtype = _original_dtype(base_layer)
         self.bias = base_layer.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        residual = weight.detach().to(torch.float32)
+        residual = matrix
         if initial is not None:
             # the residual subtracts the cores as stored (in their dtype), so that
             # Dequant(W_res) + MPO(T0) approximates W0 with only the NF4 rounding
@@ -327,8 +407,17 @@ class QDoTALinear(nn.Module):
         cores = self.initial_cores() if self.disable_adapters else self.cores()
         if cores is None:
             return y
-        update = factored_delta(x, [halves(cores, self.layout())], self.layout())
-        return y + update.to(y.dtype)
+        layout = self.layout()
+        rows = math.prod(x.shape[:-1])
+        training = torch.is_grad_enabled() and cores[0].requires_grad
+        if choose(rows, layout, training=training, with_init=False) == "factored":
+            update = factored_delta(x, [halves(cores, layout)], layout)
+            return y + update.to(y.dtype)
+        # Many rows: DoTA's dense strategy with W0 = 0 rebuilds MPO(T) in blocks and saves
+        # nothing full-size; the factored path would keep an intermediate 16-48x the size of
+        # x per layer for the backward. The zero is a stride-0 view: no memory.
+        zero = cores[0].new_zeros(()).expand(self.out_features, self.in_features)
+        return y + dense_forward(x, zero, None, cores, None, layout).to(y.dtype)
 
     def extra_repr(self) -> str:
         settings = self.adapter_settings[self.active_adapter]

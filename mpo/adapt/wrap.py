@@ -7,18 +7,24 @@
 layers one at a time on their own device (nothing else of the model is
 copied). ``unwrap`` puts the original layers back; ``merge_and_unload`` puts
 back layers whose weights include the update.
+
+A model loaded in 4 bits (transformers' ``BitsAndBytesConfig(load_in_4bit=True)``)
+can be wrapped with ``quantize="nf4"`` only: each target ``Linear4bit`` is
+dequantized, decomposed and its residual quantized again, with one warning
+that ``W0`` already carries quantization error. 8-bit layers are refused.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 from torch import nn
 
 from mpo.adapt.config import DoTAConfig, resolve_config
 from mpo.adapt.layer import DoTALinear
-from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
+from mpo.adapt.quant import QDoTALinear, check_quantizable, is_4bit, require_bitsandbytes
 from mpo.adapt.targets import find_targets, weight_shape
 from mpo.errors import MPOError
 
@@ -31,8 +37,9 @@ __all__ = [
     "wrap",
 ]
 
-# bitsandbytes' quantized layers (subclasses of nn.Linear), recognised without importing it
-_QUANTIZED_LAYERS = ("Linear4bit", "LinearFP4", "LinearNF4", "Linear8bitLt")
+# bitsandbytes' 8-bit layer, recognised without importing it: before it is moved to a
+# device its weight is still floating point, and the type is all that tells
+_INT8_LAYERS = ("Linear8bitLt",)
 
 
 def dota_layers(model: nn.Module) -> list[tuple[str, DoTALinear | QDoTALinear]]:
@@ -71,14 +78,35 @@ def _restore_base(model: nn.Module) -> None:
             delattr(model, attribute)
 
 
-def _check_not_quantized(name: str, module: nn.Module) -> None:
-    """Refuse layers loaded in 4 or 8 bits (bitsandbytes): their weight cannot be decomposed."""
-    if not module.weight.is_floating_point() or type(module).__name__ in _QUANTIZED_LAYERS:
+def check_precision(name: str, module: nn.Module, quantize: str | None) -> None:
+    """Refuse layers loaded in 8 bits, and in 4 bits unless QDoTA will dequantize them."""
+    if is_4bit(module):
+        if quantize == "nf4":
+            return
         raise MPOError(
-            f"{name} is a {type(module).__name__}: adapting a model loaded in 4 or 8 bits is not "
-            "supported yet. Load it in bfloat16 and pass quantize='nf4' to wrap: QDoTA "
+            f"{name} is a {type(module).__name__} (loaded in 4 bits): DoTA keeps W0 in full "
+            "precision. Pass quantize='nf4' to wrap (QDoTA dequantizes W0, decomposes it and "
+            "quantizes the residual), or better, load the model in bfloat16 and pass "
+            "quantize='nf4'"
+        )
+    if not module.weight.is_floating_point() or type(module).__name__ in _INT8_LAYERS:
+        raise MPOError(
+            f"{name} is a {type(module).__name__}: adapting a model loaded in 8 bits is not "
+            "supported. Load it in bfloat16 and pass quantize='nf4' to wrap: QDoTA "
             "decomposes the full-precision weight, then quantizes the residual"
         )
+
+
+def _warn_4bit(names: list[str]) -> None:
+    warnings.warn(
+        f"{len(names)} target layers ({names[0]}, ...) were loaded in 4 bits, so their W0 "
+        "already carries quantization error: QDoTA decomposes Dequant(Q(W0)) and quantizes "
+        "the residual on top of it. Wrapping the model loaded in bfloat16 or float32 with "
+        "quantize='nf4' starts closer to the pretrained weights (and transformers' Trainer "
+        "refuses models loaded in 4 bits that are not PEFT models)",
+        UserWarning,
+        stacklevel=3,  # the caller of wrap
+    )
 
 
 def _progress(items: list, enabled: bool | None, description: str) -> Any:
@@ -112,6 +140,14 @@ def wrap(
         progress: show a progress bar while decomposing (default: on a terminal).
         quiet: do not print the trainable-parameter report.
 
+    Raises:
+        MPOError: a target is loaded in 8 bits, or in 4 bits without
+            ``quantize="nf4"`` (the message says what to pass instead).
+
+    Warns:
+        UserWarning: once, if targets are bitsandbytes ``Linear4bit`` layers: their
+            ``W0`` already carries quantization error.
+
     >>> import torch
     >>> model = torch.nn.Sequential()
     >>> model.add_module("q_proj", torch.nn.Linear(64, 64))
@@ -133,9 +169,12 @@ def wrap(
     if resolved.quantize is not None:
         require_bitsandbytes()
     for name, module in targets:  # fail before anything changes
-        _check_not_quantized(name, module)
+        check_precision(name, module, resolved.quantize)
         if resolved.quantize is not None:
             check_quantizable(module, name)
+    four_bit = [name for name, module in targets if is_4bit(module)]
+    if four_bit:
+        _warn_4bit(four_bit)
     kind, extra = (
         (QDoTALinear, {"double_quant": resolved.double_quant})
         if resolved.quantize == "nf4"
@@ -159,14 +198,21 @@ def wrap(
     return model
 
 
+def _entries(parameter: nn.Parameter) -> int:
+    # bitsandbytes packs two 4-bit entries per byte of its storage dtype
+    if getattr(parameter, "quant_state", None) is not None:
+        return 2 * parameter.numel() * parameter.element_size()
+    return parameter.numel()
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts; buffers such as ``T0`` are not parameters.
 
     A QDoTA layer's 4-bit residual counts as its ``out x in`` entries, as PEFT
-    counts a 4-bit base weight.
+    counts a 4-bit base weight; so does a weight bitsandbytes packed in 4 bits.
     """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_entries(p) for p in model.parameters())
     total += sum(
         layer.out_features * layer.in_features
         for _, layer in dota_layers(model)

@@ -1,0 +1,1 @@
+"""The embedded demo: a small pretrained causal LM shipped with the package and its tasks."""

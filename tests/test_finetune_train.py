@@ -1,0 +1,159 @@
+"""The training loop: schedule, gradient accumulation, the best checkpoint, resuming."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from mpo.errors import Interrupted, MPOError  # noqa: E402
+from mpo.finetune.pipeline import FinetuneSpec, finetune  # noqa: E402
+from mpo.finetune.train import TrainConfig, learning_rate  # noqa: E402
+
+
+@given(
+    total=st.integers(1, 500),
+    ratio=st.floats(0, 0.5, allow_nan=False),
+    peak=st.floats(1e-6, 1.0),
+)
+def test_the_schedule_warms_up_then_decays_and_never_exceeds_the_peak(total, ratio, peak):
+    config = TrainConfig(learning_rate=peak, warmup_ratio=ratio)
+    rates = [learning_rate(s, total, config) for s in range(total)]
+    warmup = math.ceil(ratio * total)
+    assert all(0 <= r <= peak * (1 + 1e-12) for r in rates)
+    assert rates == sorted(rates[:warmup]) + rates[warmup:]
+    decay = rates[warmup:]
+    assert all(a >= b for a, b in itertools.pairwise(decay))
+    if decay:
+        assert decay[0] == pytest.approx(peak)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"batch_size": 6, "micro_batch_size": 4}, "not a multiple"),
+        ({"learning_rate": 0.0}, "learning_rate must be positive"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio"),
+    ],
+)
+def test_bad_recipes_are_refused(options, message):
+    with pytest.raises(MPOError, match=message):
+        TrainConfig(**options)
+
+
+def spec(tiny_lm, data, **train):
+    recipe = {"max_steps": 6, "batch_size": 4, "micro_batch_size": 2, "eval_every": 2}
+    recipe |= {"learning_rate": 1e-2, **train}
+    return FinetuneSpec(
+        model=str(tiny_lm),
+        data=str(data),
+        method="dota",
+        rank=4,
+        num_cores=3,
+        val_size=8,
+        max_length=256,
+        dtype="float32",
+        train=TrainConfig(**recipe),
+    )
+
+
+def trained(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "state" / "trainable.safetensors")
+
+
+def test_a_run_writes_metrics_and_keeps_the_best_checkpoint(tiny_lm, instruction_data, tmp_path):
+    result = finetune(spec(tiny_lm, instruction_data[0]), tmp_path / "run", progress=False)
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["step"] for r in rows] == list(range(7))
+    evaluated = {r["step"]: r["val_loss"] for r in rows if r["val_loss"] is not None}
+    assert sorted(evaluated) == [0, 2, 4, 6]
+    assert result.best_val_loss == min(evaluated.values())
+    assert evaluated[result.best_step] == result.best_val_loss
+    assert result.best_val_loss < evaluated[0]  # a learning rate of 1e-2 learns in 6 steps
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["result"]["best_step"] == result.best_step
+    csv_lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(rows)
+    for name in ("best/adapter/adapter_model.safetensors", "best/mpo_method.json", "val_loss.png"):
+        assert (tmp_path / "run" / name).is_file()
+    assert 0 < result.trainable_params < result.total_params
+
+
+def test_micro_batches_give_the_gradient_of_the_whole_batch(tiny_lm, instruction_data, tmp_path):
+    one = finetune(
+        spec(tiny_lm, instruction_data[0], max_steps=2, micro_batch_size=4, eval_every=2),
+        tmp_path / "one",
+        progress=False,
+    )
+    two = finetune(
+        spec(tiny_lm, instruction_data[0], max_steps=2, micro_batch_size=1, eval_every=2),
+        tmp_path / "two",
+        progress=False,
+    )
+    one_state, two_state = trained(tmp_path / "one"), trained(tmp_path / "two")
+    assert one_state.keys() == two_state.keys()
+    for name, tensor in one_state.items():
+        torch.testing.assert_close(two_state[name], tensor, rtol=1e-4, atol=1e-6)
+    assert one.metrics[1]["train_loss"] == pytest.approx(two.metrics[1]["train_loss"], rel=1e-5)
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(
+    tiny_lm, instruction_data, tmp_path, monkeypatch
+):
+    straight = finetune(spec(tiny_lm, instruction_data[0]), tmp_path / "straight", progress=False)
+
+    calls = {"n": 0}
+    step = torch.optim.AdamW.step
+
+    def interrupt_at_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # Ctrl-C in the middle of an optimizer step
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_at_step_3)
+    with pytest.raises(Interrupted, match="after step 3 of 6"):
+        finetune(spec(tiny_lm, instruction_data[0]), tmp_path / "resumed", progress=False)
+    monkeypatch.undo()
+    progress = json.loads((tmp_path / "resumed" / "state" / "progress.json").read_text())
+    assert progress["step"] == 3  # the step after the last evaluation was kept
+    resumed = finetune(spec(tiny_lm, instruction_data[0]), tmp_path / "resumed", progress=False)
+
+    for name, tensor in trained(tmp_path / "straight").items():
+        torch.testing.assert_close(trained(tmp_path / "resumed")[name], tensor, rtol=0, atol=1e-6)
+    assert [r["step"] for r in resumed.metrics] == list(range(7))
+    for a, b in zip(straight.metrics[1:], resumed.metrics[1:], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=0)
+    assert resumed.best_step == straight.best_step
+
+
+def test_resuming_with_other_settings_is_refused(tiny_lm, instruction_data, tmp_path):
+    finetune(spec(tiny_lm, instruction_data[0], max_steps=2), tmp_path / "run", progress=False)
+    with pytest.raises(
+        MPOError, match=r"other settings \(config.learning_rate was 0.01, now 0.001\)"
+    ):
+        finetune(
+            spec(tiny_lm, instruction_data[0], max_steps=2, learning_rate=1e-3),
+            tmp_path / "run",
+            progress=False,
+        )
+    restarted = finetune(
+        spec(tiny_lm, instruction_data[0], max_steps=2, learning_rate=1e-3),
+        tmp_path / "run",
+        restart=True,
+        progress=False,
+    )
+    assert restarted.steps == 2
