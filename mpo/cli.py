@@ -168,13 +168,15 @@ def _checkpoint(folder: str | None) -> Path | None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from mpo.finetune.merge import load_merged
     from mpo.finetune.methods import load_finetuned, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     checkpoint = _checkpoint(args.checkpoint)
     if checkpoint is None:
         return load_model(args.model, "full", dtype=args.dtype), tokenizer
-    return load_finetuned(args.model, checkpoint, dtype=args.dtype), tokenizer
+    load = load_finetuned if args.unmerged else load_merged
+    return load(args.model, checkpoint, dtype=args.dtype), tokenizer
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -299,6 +301,12 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint", help="a run folder or its best/ (default: evaluate the base model)"
     )
     ev.add_argument("--data", required=True, nargs="+", help="task files (.json/.jsonl)")
+    ev.add_argument(
+        "--unmerged",
+        action="store_true",
+        help="evaluate the adapter layers as they are (default: fold the checkpoint into the "
+        "weights first, in memory, so generation runs at the base model's speed)",
+    )
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-new-tokens", type=int, default=32)
     ev.add_argument("--dtype", default="auto")

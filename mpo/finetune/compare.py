@@ -31,7 +31,8 @@ from typing import Any
 from mpo.atomic import write_bytes, write_csv, write_json
 from mpo.finetune.data import Record
 from mpo.finetune.evaluate import evaluate
-from mpo.finetune.methods import load_finetuned, load_tokenizer
+from mpo.finetune.merge import load_merged
+from mpo.finetune.methods import load_tokenizer
 from mpo.finetune.pipeline import FinetuneSpec, finetune
 
 __all__ = ["Arm", "Comparison", "compare"]
@@ -186,7 +187,8 @@ def compare(
             )
             folder = out / arm.label / f"seed-{seed}"
             result = finetune(spec, folder, restart=True, progress=progress)
-            model = load_finetuned(spec.model, folder / "best", dtype=spec.dtype)
+            # merged: the same update, and generation at the base model's speed
+            model = load_merged(spec.model, folder / "best", dtype=spec.dtype)
             report = evaluate(
                 model,
                 load_tokenizer(spec.model),

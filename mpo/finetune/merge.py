@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from torch import nn
+
 import mpo.adapt
 from mpo.atomic import staged_folder
 from mpo.errors import MPOError
@@ -27,7 +29,31 @@ from mpo.finetune.methods import (
     resolve_dtype,
 )
 
-__all__ = ["merge"]
+__all__ = ["load_merged", "merge"]
+
+
+def load_merged(
+    base: str | os.PathLike, checkpoint: str | os.PathLike, *, dtype: str | None = "auto"
+) -> nn.Module:
+    """The base model at ``base`` with the checkpoint folded into its weights, in memory.
+
+    The update is the same as the unmerged model's up to one rounding of each
+    merged weight to ``dtype``; generation then runs at the base model's speed.
+    """
+    name = read_method(checkpoint)
+    torch_dtype = resolve_dtype(dtype)
+    if name == "qlora":
+        import peft
+
+        model = load_model(base, "lora", dtype=torch_dtype)
+        model = peft.PeftModel.from_pretrained(model, Path(checkpoint) / "adapter")
+    else:
+        model = load_finetuned(base, checkpoint, dtype=torch_dtype)
+    if name in ("dota", "dota-random", "qdota"):
+        model = mpo.adapt.merge_and_unload(model, dtype=torch_dtype)
+    elif name != "full":
+        model = model.merge_and_unload()
+    return model.to(torch_dtype)
 
 
 def merge(
@@ -49,21 +75,8 @@ def merge(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MPOError(f"{out} exists and is not an empty folder; merge into a new folder")
-    name = read_method(checkpoint)
-    torch_dtype = resolve_dtype(dtype)
+    model = load_merged(base, checkpoint, dtype=dtype)
     tokenizer = load_tokenizer(base)
-    if name == "qlora":
-        import peft
-
-        model = load_model(base, "lora", dtype=torch_dtype)
-        model = peft.PeftModel.from_pretrained(model, Path(checkpoint) / "adapter")
-    else:
-        model = load_finetuned(base, checkpoint, dtype=torch_dtype)
-    if name in ("dota", "dota-random", "qdota"):
-        model = mpo.adapt.merge_and_unload(model, dtype=torch_dtype)
-    elif name != "full":
-        model = model.merge_and_unload()
-    model = model.to(torch_dtype)
     with staged_folder(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
