@@ -22,7 +22,7 @@ VENV = ROOT / ".venv"
 CONSTRAINTS = ROOT / "constraints.txt"
 
 JOBS = {
-    "demo": ("demo", [["python", "examples/compression_demo.py"]]),
+    "demo": ("demo", [["mpo", "demo"]]),
     "test": (
         "test",
         [

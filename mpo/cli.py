@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging  # its loading bars too
 
         logging.disable_progress_bar()
+    # raised inside peft's own calls into transformers 5; nothing a user of mpo can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     try:
         return args.run(args)
     except MPOError as err:

@@ -311,6 +311,11 @@ def save_adapter(
     name, layers = _adapted_layers(model, adapter_name)
     config = getattr(model, "dota_config", {}).get(name)
     if not isinstance(config, DoTAConfig):
+        if hasattr(getattr(model, "module", None), "dota_config"):  # DDP, FSDP, accelerate
+            raise MPOError(
+                f"{type(model).__name__} wraps the adapted model; save the model inside it: "
+                "mpo.adapt.save_adapter(model.module, path)"
+            )
         raise MPOError(
             f"model.dota_config has no DoTAConfig for adapter {name!r}; save a model adapted by "
             "mpo.adapt.wrap or mpo.adapt.load_adapter"

@@ -7,8 +7,8 @@ weights come from. It reads top to bottom:
 1. **Corpus.** English text that every CPython carries: the reference-manual
    topics of ``pydoc_data.topics`` (what ``help("if")`` prints) and the
    docstrings of the standard library's modules, classes and functions, one
-   document per topic or module, in sorted order. The documents first in
-   sha256-of-name order that fit in 2% of the characters are held out.
+   document per topic or module, in sorted order. Documents taken in
+   sha256-of-name order are held out while they fit in 2% of the characters.
 2. **Tokenizer.** A byte-level BPE (``tokenizers``) with 2048 entries trained
    on the training documents. Digits are split one per token, so numbers read
    digit by digit, which arithmetic tasks need. Encoding prepends ``<s>``;
@@ -20,19 +20,24 @@ weights come from. It reads top to bottom:
 4. **Training.** AdamW on random 256-token windows of the training stream,
    linear warm-up then cosine decay, gradient clipping, two CPU threads. The
    number of steps is planned at the end of warm-up from the speed so far, so
-   that training fits in ``--minutes``; ``--steps`` fixes it instead, which is how
-   a recorded run is replayed (``steps`` in ``pretraining.json``).
+   that training fits in ``--minutes``; if the machine slows down later, the
+   run stops at the deadline before the decay ends. ``--steps`` fixes the
+   number instead, which is how a recorded run is replayed (``steps`` in
+   ``pretraining.json``); the committed run used ``--steps 1300`` because the
+   cores were shared with other jobs. The corpus is small (580 K tokens), so
+   the held-out loss levels off after about 1000 steps while training loss
+   keeps falling.
 5. **Assets.** Weights (safetensors), config, tokenizer, ``pretraining.json``
    (corpus hash, token counts, steps, wall time, losses, versions, and a
    held-out paragraph with its loss so tests can check the weights without
-   rebuilding the corpus) and a model card, written to a temporary folder
-   next to ``--out`` and renamed into place, so a failed run leaves the old
-   assets intact.
+   rebuilding the corpus) and a model card, written to a staged folder next
+   to ``--out`` and renamed into place (``mpo.atomic``), so a failed run
+   leaves the old assets intact.
 
 Rerun it with::
 
     python -m mpo.demo.pretrain                  # about 13 minutes on two CPU cores
-    python -m mpo.demo.pretrain --steps 900      # replay a run of 900 steps
+    python -m mpo.demo.pretrain --steps 1300     # replay the committed run (35 minutes)
     python -m mpo.demo.pretrain --minutes 1 --out /tmp/tiny_lm   # smoke test
 
 The corpus, and hence the tokenizer and weights, depend on the Python
@@ -52,9 +57,7 @@ import json
 import math
 import pkgutil
 import platform
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -66,6 +69,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from mpo.atomic import staged_folder
 
 __all__ = ["ASSETS", "build_corpus", "main"]
 
@@ -406,57 +411,51 @@ def train(
 def write_assets(
     out: Path, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, record: dict
 ) -> None:
-    """Save everything to a temporary folder next to ``out``, then swap it in."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    # transformers 5 names its new tokenizer class, which 4.x cannot resolve;
-    # the old name loads in both.
-    config_path = tmp / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
-    (tmp / "README.md").write_text(model_card(record))
-    # mkdtemp and the safetensors writer make private files; package data is
-    # for everyone to read.
-    tmp.chmod(0o755)
-    for path in tmp.iterdir():
-        path.chmod(0o644)
-    old = out.with_name(f".{out.name}-old")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Save everything in a staged sibling folder that then replaces ``out`` as a whole."""
+    with staged_folder(out) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        # transformers 5 names its new tokenizer class, which 4.x cannot resolve;
+        # the old name loads in both.
+        config_path = staging / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        (staging / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
+        (staging / "README.md").write_text(model_card(record))
+        # The staging folder and the safetensors file are created private;
+        # package data is for everyone to read.
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o644)
 
 
 def model_card(record: dict) -> str:
     """The README.md shipped with the weights, filled in from ``record``."""
     corpus, run, loss = record["corpus"], record["training"], record["loss"]
-    passes = run["tokens_seen"] / record["tokenizer"]["train_tokens"]
+    tokens, python = record["tokenizer"], record["versions"]["python"]
+    passes = run["tokens_seen"] / tokens["train_tokens"]
     return f"""# tiny_lm: the embedded demo's pretrained causal LM
 
-A {record["model"]["parameters"] / 1e6:.1f} M-parameter LLaMA-architecture model (hidden 256,
-MLP 768, 4 layers, 4 query and 2 key/value heads, tied embeddings) with a
-{record["tokenizer"]["vocab_size"]}-entry byte-level BPE tokenizer in which every digit is a token.
-It exists so that the DoTA demo can fine-tune a really pretrained model on a
-CPU in minutes; it is far too small to be useful for anything else.
+A {record["model"]["parameters"] / 1e6:.1f} M-parameter LLaMA-architecture model:
+hidden size 256, MLP size 768, 4 layers, 4 query and 2 key/value heads, tied embeddings.
+Its tokenizer is a {tokens["vocab_size"]}-entry byte-level BPE in which every digit is a token.
+It exists so that the DoTA demo can fine-tune a really pretrained model on a CPU in minutes;
+it is far too small to be useful for anything else.
 
 ## Data
 
-The reference-manual topics of `pydoc_data.topics` and the docstrings of the
-standard library of Python {record["versions"]["python"]}: {corpus["documents"]} documents,
-{corpus["characters"]:,} characters (sha256 `{corpus["sha256"][:16]}...`). The
-{len(corpus["heldout_documents"])} documents listed in `pretraining.json`
-({corpus["heldout_characters"]:,} characters) are held out.
+The reference-manual topics of `pydoc_data.topics` and the docstrings of the standard library
+of Python {python}: {corpus["documents"]} documents, {corpus["characters"]:,} characters,
+sha256 `{corpus["sha256"][:16]}...`. The {len(corpus["heldout_documents"])} documents listed
+in `pretraining.json` ({corpus["heldout_characters"]:,} characters) are held out.
 
 ## Training
 
 `python -m mpo.demo.pretrain --seed {run["seed"]} --steps {run["steps"]}` replays the run:
 {run["steps"]} AdamW steps of {run["batch_size"]} x {run["seq_len"]} tokens
-({run["tokens_seen"]:,} tokens, {passes:.1f} passes over the training text) in
-{run["wall_time_s"] / 60:.0f} minutes on {run["threads"]} CPU threads.
+({run["tokens_seen"]:,} tokens, {passes:.1f} passes over the training text)
+in {run["wall_time_s"] / 60:.0f} minutes on {run["threads"]} shared CPU threads.
 
 | loss (nats/token)    | value |
 |----------------------|-------|

@@ -35,7 +35,7 @@ DEMO_RECIPE = TrainConfig(
     learning_rate=1e-3,
     batch_size=16,
     micro_batch_size=16,
-    max_steps=120,
+    max_steps=100,
     warmup_ratio=0.03,
     eval_every=10,
 )
@@ -69,7 +69,7 @@ def run_demo(
 ) -> Comparison:
     """Fine-tune and evaluate the shipped model with each method; print and write the results.
 
-    ``steps`` overrides the number of optimizer steps (default 120). Every run
+    ``steps`` overrides the number of optimizer steps (default 100). Every run
     starts afresh.
     """
     out = Path(out)
