@@ -37,10 +37,9 @@ import torch
 from torch import nn
 
 import mpo
+from mpo import report
 from mpo.adapt.config import DoTAConfig, resolve_config
-from mpo.adapt.plan import _join, _render
 from mpo.adapt.targets import find_targets, weight_shape
-from mpo.adapt.wrap import _progress
 from mpo.atomic import write_bytes
 from mpo.errors import MPOError
 
@@ -138,10 +137,10 @@ class Analysis:
             [
                 row.module,
                 f"{row.shape[0]}x{row.shape[1]}",
-                _join(row.row_factors),
-                _join(row.col_factors),
+                report.join(row.row_factors),
+                report.join(row.col_factors),
                 str(row.rank),
-                _join(row.bond_ranks),
+                report.join(row.bond_ranks),
                 f"{row.params:,}",
                 f"{row.mpo_error:.4f}",
                 str(row.svd_rank),
@@ -149,7 +148,7 @@ class Analysis:
             ]
             for row in self.rows
         ]
-        return _render(header, rows, numeric_from=4)
+        return report.table(header, rows, numeric_from=4)
 
     def __str__(self) -> str:
         return self.table()
@@ -189,10 +188,7 @@ class Analysis:
         writer.writeheader()
         for record in records:
             writer.writerow(
-                {
-                    key: ",".join(map(str, v)) if isinstance(v, list) else v
-                    for key, v in record.items()
-                }
+                {key: report.join(v) if isinstance(v, list) else v for key, v in record.items()}
             )
         contents = {
             "analysis.csv": text.getvalue().encode(),
@@ -375,7 +371,9 @@ def analyze(
         )
     rows: list[AnalysisRow] = []
     spectra: dict[str, tuple[np.ndarray, ...]] = {}
-    for name, module in _progress(find_targets(model, resolved), progress, "MPO: analyzing"):
+    for name, module in report.progress(
+        find_targets(model, resolved), progress, "MPO: analyzing", "matrix"
+    ):
         W = _working_copy(name, module)
         shape = weight_shape(module)
         factors = resolved.factor_shapes(*shape)

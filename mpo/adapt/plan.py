@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mpo import report
 from mpo.adapt.config import DoTAConfig, resolve_config
 from mpo.adapt.targets import find_targets, weight_shape
 from mpo.count import bond_ranks, param_count
@@ -53,29 +54,13 @@ class ModulePlan:
     params: int
 
 
-def _join(values: tuple[int, ...]) -> str:
-    return ",".join(map(str, values))
-
-
 def _cells(module: ModulePlan) -> list[str]:
     return [
         f"{module.shape[0]}x{module.shape[1]}",
-        _join(module.row_factors),
-        _join(module.col_factors),
-        _join(module.ranks),
+        report.join(module.row_factors),
+        report.join(module.col_factors),
+        report.join(module.ranks),
     ]
-
-
-def _render(header: list[str], rows: list[list[str]], numeric_from: int) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(row: list[str]) -> str:
-        return "  ".join(
-            cell.rjust(width) if i >= numeric_from else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-
-    return "\n".join(line(row) for row in [header, *rows])
 
 
 @dataclass(frozen=True)
@@ -111,7 +96,7 @@ class AdapterPlan:
         """One row per adapted matrix: name, shape, factors, bond ranks, parameters."""
         header = ["module", "shape", "row factors", "col factors", "bond ranks", "params"]
         rows = [[m.name, *_cells(m), f"{m.params:,}"] for m in self.modules]
-        return _render(header, rows, numeric_from=5)
+        return report.table(header, rows, numeric_from=5)
 
     def summary(self) -> str:
         """One row per leaf name and shape (``q_proj``, 4096x4096), with how many share it."""
@@ -124,7 +109,7 @@ class AdapterPlan:
         for (leaf, _), group in groups.items():
             each, total = group[0].params, sum(m.params for m in group)
             rows.append([leaf, *_cells(group[0]), str(len(group)), f"{each:,}", f"{total:,}"])
-        return _render(header, rows, numeric_from=5)
+        return report.table(header, rows, numeric_from=5)
 
     def __str__(self) -> str:
         c = self.config

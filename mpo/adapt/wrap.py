@@ -16,12 +16,12 @@ that ``W0`` already carries quantization error. 8-bit layers are refused.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any
 
 from torch import nn
 
+from mpo import report
 from mpo.adapt.config import DoTAConfig, resolve_config
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, is_4bit, require_bitsandbytes
@@ -109,16 +109,6 @@ def _warn_4bit(names: list[str]) -> None:
     )
 
 
-def _progress(items: list, enabled: bool | None, description: str) -> Any:
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is in the adapt extra; without it there is just no bar
-        return items
-    return tqdm(items, desc=description, unit="layer", disable=not enabled)
-
-
 def wrap(
     model: nn.Module,
     config: DoTAConfig | None = None,
@@ -181,7 +171,7 @@ def wrap(
         else (DoTALinear, {})
     )
     freeze_base(model)
-    for name, module in _progress(targets, progress, "DoTA: decomposing"):
+    for name, module in report.progress(targets, progress, "DoTA: decomposing", "layer"):
         layer = kind(
             module,
             adapter_name,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mpo import report
 from mpo.atomic import write_bytes, write_csv, write_json
 from mpo.finetune.data import Record
 from mpo.finetune.evaluate import evaluate
@@ -103,14 +104,7 @@ class Comparison:
                     cell(entry, "train_seconds", 1, 0, " s"),
                 ]
             )
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        return "\n".join(
-            "  ".join(
-                text.ljust(width) if i == 0 else text.rjust(width)
-                for i, (text, width) in enumerate(zip(line, widths, strict=True))
-            )
-            for line in lines
-        )
+        return report.table(lines[0], lines[1:])
 
     def plot(self, title: str) -> bytes:
         """The validation-loss curves as PNG bytes (mean over seeds, one-std band)."""
