@@ -56,9 +56,10 @@ def rel_error(approx, exact) -> float:
     return float(np.linalg.norm(a - e) / np.linalg.norm(e))
 
 
-def byte_level_tokenizer():
-    """A tokenizer with one token per UTF-8 byte plus <s>, </s> and <pad>, built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(*, bos: bool = True, adds_bos: bool = False):
+    """One token per UTF-8 byte plus <s>, </s>, <pad>, built offline; ``bos=False``: no <s>
+    token; ``adds_bos``: it prepends <s> itself."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
@@ -67,8 +68,15 @@ def byte_level_tokenizer():
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
+    if adds_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+        )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=tokenizer,
+        bos_token="<s>" if bos else None,
+        eos_token="</s>",
+        pad_token="<pad>",
     )
 
 
@@ -77,7 +85,7 @@ def tiny_lm(tmp_path_factory):
     """A local transformers folder: a 2-layer LLaMA (hidden 64) and a byte-level tokenizer."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    tokenizer = byte_level_tokenizer()
+    tokenizer = byte_tokenizer()
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

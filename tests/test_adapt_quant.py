@@ -54,6 +54,20 @@ def tiny_llama(**overrides):
     return transformers.LlamaForCausalLM(config)
 
 
+def losses_over_adamw_steps(model, steps=8):
+    """The loss before each of ``steps`` AdamW steps (lr 1e-2) on one fixed batch."""
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def linear_4bit(weight, bias=True, quant_type="nf4"):
     """A bitsandbytes ``Linear4bit`` holding ``weight``, quantized on the move to the cpu.
 
@@ -204,15 +218,7 @@ class TestWrap:
 
     def test_a_few_adamw_steps_reduce_the_loss(self):
         model = mpo.adapt.wrap(tiny_llama(), quantize="nf4", rank=4, num_cores=2, quiet=True)
-        ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses = []
-        for _ in range(8):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+        losses = losses_over_adamw_steps(model)
         assert losses[-1] < losses[0] - 0.05
 
     def test_merge_and_unload_gives_plain_linear_layers_with_the_same_outputs(self):
@@ -347,15 +353,7 @@ class TestFourBitInput:
 
     def test_a_few_adamw_steps_reduce_the_loss(self, tiny_llama_folder):
         model, _ = wrap_4bit(load_in_4bit(tiny_llama_folder))
-        ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses = []
-        for _ in range(8):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+        losses = losses_over_adamw_steps(model)
         assert losses[-1] < losses[0] - 0.05
 
     def test_adapter_loads_bit_identically_onto_the_same_4_bit_base(

@@ -10,8 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+from conftest import byte_tokenizer  # noqa: E402
 
 from mpo.errors import MPOError  # noqa: E402
 from mpo.finetune.data import (  # noqa: E402
@@ -24,26 +23,6 @@ from mpo.finetune.data import (  # noqa: E402
     prompt,
     split,
 )
-
-
-def byte_tokenizer(*, bos: bool = True, adds_bos: bool = False) -> PreTrainedTokenizerFast:
-    """One token per UTF-8 byte plus <s>, </s>, <pad>; ``adds_bos``: it prepends <s> itself."""
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for special in ("<s>", "</s>", "<pad>"):
-        vocab[special] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    if adds_bos:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>" if bos else None,
-        eos_token="</s>",
-        pad_token="<pad>",
-    )
 
 
 def write_json(tmp_path, name, data):

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from test_finetune_data import byte_tokenizer  # noqa: E402
+from conftest import byte_tokenizer  # noqa: E402
 
 from mpo.errors import MPOError  # noqa: E402
 from mpo.finetune.data import Record, prompt  # noqa: E402
