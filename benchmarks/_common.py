@@ -34,6 +34,7 @@ __all__ = [
     "machine_info",
     "run_memory_worker",
     "table",
+    "training_step_peak",
     "verdict",
 ]
 
@@ -213,6 +214,34 @@ class PeakMeter:
         else:
             absolute = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return absolute - self.base, absolute
+
+
+def training_step_peak(
+    model: torch.nn.Module, batch_shape: tuple[int, int], device: torch.device | str
+) -> dict[str, Any]:
+    """One AdamW step (lr 1e-4) on seeded random token ids; its peak memory and loss.
+
+    Only the step is metered: the model and the batch exist before the meter starts.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, model.config.vocab_size, batch_shape, generator=generator)
+    batch = batch.to(device)
+    meter = PeakMeter(torch.device(device))
+    meter.start()
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    extra, absolute = meter.peak()
+    return {
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "loss": float(loss.detach()),
+        "peak_step_bytes": extra,
+        "peak_absolute_bytes": absolute,
+        "measured_as": meter.method,
+    }
 
 
 def run_memory_worker(script: str, method: str, options: list[str]) -> dict[str, Any]:

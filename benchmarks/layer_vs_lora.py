@@ -76,7 +76,14 @@ from typing import Any
 import peft
 import torch
 import transformers
-from _common import PeakMeter, load_average, machine_info, run_memory_worker, table, verdict
+from _common import (
+    load_average,
+    machine_info,
+    run_memory_worker,
+    table,
+    training_step_peak,
+    verdict,
+)
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -322,27 +329,7 @@ def memory_worker(method: str, device: torch.device, dtype: torch.dtype) -> dict
         model = get_peft_model(model, lora)
         label = "LoRA r=32"
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    batch = torch.randint(
-        0, config.vocab_size, MEMORY_BATCH, generator=torch.Generator().manual_seed(0)
-    ).to(device)
-    meter = PeakMeter(device)
-    meter.start()
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    extra, absolute = meter.peak()
-    return {
-        "method": method,
-        "label": label,
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "loss": float(loss.detach()),
-        "peak_step_bytes": extra,
-        "peak_absolute_bytes": absolute,
-        "measured_as": meter.method,
-    }
+    return {"method": method, "label": label, **training_step_peak(model, MEMORY_BATCH, device)}
 
 
 def measure_memory(device: torch.device, dtype: str) -> dict[str, Any]:

@@ -72,7 +72,7 @@ import matplotlib
 import peft
 import torch
 import transformers
-from _common import PeakMeter, machine_info, run_memory_worker, table
+from _common import machine_info, run_memory_worker, table, training_step_peak
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import mpo
@@ -215,29 +215,9 @@ def memory_worker(
         label = f"QDoTA R={rank} (bfloat16 cores)"
     # train mode also keeps bitsandbytes' cpu inference kernel (and its repacking) out
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    vocab = model.config.vocab_size
-    batch = torch.randint(0, vocab, MEMORY_BATCH, generator=torch.Generator().manual_seed(0))
-    batch = batch.to(device)
     sizes = weight_bytes(model)
-    meter = PeakMeter(torch.device(device))
-    meter.start()
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    step, absolute = meter.peak()
-    return {
-        "method": method,
-        "label": label,
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        **sizes,
-        "peak_step_bytes": step,
-        "peak_absolute_bytes": absolute,
-        "loss": float(loss.detach()),
-        "measured_as": meter.method,
-    }
+    step = training_step_peak(model, MEMORY_BATCH, device)
+    return {"method": method, "label": label, **sizes, **step}
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
