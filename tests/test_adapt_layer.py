@@ -1,11 +1,17 @@
 """The DoTA layer and wrap(): structure, initialisation, merging, switches and bad input."""
 
+import math
+
 import pytest
+from conftest import factor_shapes
+from hypothesis import given
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
 import mpo  # noqa: E402
 import mpo.adapt  # noqa: E402
+import mpo.adapt.delta  # noqa: E402
 from mpo.adapt import DoTAConfig, DoTALinear  # noqa: E402
 from mpo.adapt.delta import Layout, choose  # noqa: E402
 
@@ -188,6 +194,94 @@ class TestStrategyChoice:
 
     def test_a_long_training_batch_rebuilds_the_dense_update(self):
         assert choose(4096, self.layout, training=True, with_init=True) == "dense"
+
+
+def _step(layer, x, strategy):
+    """Output and gradients (input, then cores) of ``sum(y * w)`` for a fixed ``w``."""
+    layer.strategy = strategy
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    weights = torch.linspace(-1, 1, y.numel()).view(y.shape).to(y.dtype)
+    return y.detach(), torch.autograd.grad((y * weights).sum(), [x, *layer.cores()])
+
+
+def _conv1d(out_features, in_features, dtype=torch.float32):
+    from transformers.pytorch_utils import Conv1D
+
+    base = Conv1D(out_features, in_features).to(dtype)
+    with torch.no_grad():
+        base.weight.normal_()
+        base.bias.normal_()
+    return base
+
+
+class TestBlocks:
+    """The dense strategy rebuilds ``W0 + Delta`` in blocks of rows (forward) and of
+    columns (backward) when the weight exceeds one block: forced here with tiny blocks,
+    checked against the factored strategy, which shares none of that code."""
+
+    @pytest.fixture(autouse=True)
+    def tiny_blocks(self, monkeypatch):
+        monkeypatch.setattr(mpo.adapt.delta, "_CPU_BLOCK_BYTES", 1)
+
+    @pytest.mark.parametrize("kind", ["linear", "no-bias", "conv1d"])
+    @pytest.mark.parametrize("init", ["dota", "random"])
+    def test_blocked_step_is_exact_at_init_and_matches_the_factored_one(self, kind, init):
+        torch.manual_seed(0)
+        if kind == "conv1d":
+            base = _conv1d(48, 64)
+        else:
+            base = torch.nn.Linear(64, 48, bias=kind == "linear")
+        layer = DoTALinear(base, rank=4, shape=SHAPE, init=init)
+        layout = layer.layout()
+        assert len(mpo.adapt.delta._blocks(layout.blocks[0], 4, torch.device("cpu"))) > 1
+        x = torch.randn(2, 5, 64)
+        layer.strategy = "dense"
+        assert torch.equal(layer(x), base(x))
+        perturb(layer)
+        y, grads = _step(layer, x, "dense")
+        y_ref, grads_ref = _step(layer, x, "factored")
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        for grad, reference in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
+
+    def test_bfloat16_blocks_agree_to_bfloat16_precision(self):
+        torch.manual_seed(0)
+        base = linear(dtype=torch.bfloat16)
+        layer = DoTALinear(base, rank=4, shape=SHAPE)
+        x = torch.randn(6, 64, dtype=torch.bfloat16)
+        layer.strategy = "dense"
+        assert torch.equal(layer(x), base(x))
+        perturb(layer)
+        (y, grads), (y_ref, grads_ref) = _step(layer, x, "dense"), _step(layer, x, "factored")
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+        for grad, reference in zip(grads, grads_ref, strict=True):
+            scale = reference.abs().max()
+            assert (grad.float() - reference.float()).abs().max() <= 2e-2 * scale
+
+    @given(
+        shape=factor_shapes(min_cores=2, max_cores=4, max_entries=512),
+        rank=st.integers(1, 6),
+        block_bytes=st.integers(1, 4096),
+        conv1d=st.booleans(),
+    )
+    def test_any_blocking_gives_the_same_step(self, shape, rank, block_bytes, conv1d):
+        rows, cols = shape
+        out_features, in_features = math.prod(rows), math.prod(cols)
+        torch.manual_seed(0)
+        if conv1d:
+            base = _conv1d(out_features, in_features)
+        else:
+            base = torch.nn.Linear(in_features, out_features)
+        layer = DoTALinear(base, rank=rank, shape=shape)
+        perturb(layer)
+        x = torch.randn(3, in_features)
+        mpo.adapt.delta._CPU_BLOCK_BYTES = block_bytes
+        (y, grads), (y_ref, grads_ref) = _step(layer, x, "dense"), _step(layer, x, "factored")
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+        for grad, reference in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-4)
 
 
 class TestWrap:

@@ -7,28 +7,31 @@ their frozen initial values, ``W0`` the untouched pretrained weight.
 Both ways go through the two *halves* of the MPO, split at one bond of rank
 ``r`` (:func:`mpo.contract.half_plans`): ``L`` (``I_L J_L x r``, cores
 ``1..k``) and ``R`` (``r x I_R J_R``, cores ``k+1..N``), so that ``Delta``
-viewed as ``(I_L, J_L, I_R, J_R)`` is the product ``L @ R`` (minus
-``L0 @ R0``). The halves are small; everything full-size is one of:
+viewed as ``(I_L, J_L, I_R, J_R)`` is ``L R - L0 R0``, which :func:`pair` writes
+as one product ``A @ B`` of inner size ``2r``. The halves are small; everything
+full-size is one of:
 
-* **factored** (few rows ``B``): ``x Delta^T`` through the halves, two matrix
-  products per term, ``2 r (J I_R + I J_L)`` flops a row: cheap for
-  generation, but per row as costly as the dense matrix once ``r >= 16``.
-* **dense** (many rows): ``W0 + Delta`` is rebuilt in row blocks that stay in
-  cache (``L_block @ R`` minus ``L0_block @ R0``, permuted and added to ``W0``
-  in one pass), then one matrix product does the layer. Nothing full-size is
-  saved for the backward: it rebuilds ``W'`` for ``dL/dx``, and turns
-  ``dL/dDelta = dy^T x`` into the gradients of ``L`` and ``R`` block by block,
-  without forming it whole. Against a frozen layer it adds the product
-  ``dy^T x`` and two rebuilds: about 1.5x a frozen training step is its floor.
+* **factored** (few rows ``B``): ``x Delta^T`` through ``A`` and ``B``,
+  ``4 r (J I_R + I J_L)`` flops a row: cheap for generation, but per row as
+  costly as the dense matrix once ``r >= 16``.
+* **dense** (many rows): ``W0 + Delta`` is rebuilt one block of rows at a time
+  (``A_block @ B``, permuted and added to ``W0``'s rows), each block used at once
+  for its columns of ``y``, so ``W0 + Delta`` is never whole in memory and never
+  saved for the backward. The backward rebuilds it in blocks of columns, for
+  ``dL/dx`` and for the same columns of ``dL/dDelta = dy^T x``, which it turns
+  into the gradients of ``L`` and ``R`` at once. Against a frozen layer this adds
+  the product ``dy^T x`` and two rebuilds: 1.5x a frozen training step is its floor.
 
 :func:`choose` picks one from a cost estimate. Both are exactly zero at
-initialisation: the ``T`` and ``T0`` terms are computed by the same operations
-on equal values and subtracted before anything else is added.
+initialisation, where every term of ``A @ B`` has a zero factor; the dense
+strategy then returns the base layer's own product, since a blocked one may
+round differently.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from math import prod
 from typing import Any
 
@@ -36,10 +39,15 @@ import torch
 
 from mpo.contract import half_plans
 
-__all__ = ["Layout", "choose", "delta_weight", "dense_forward", "factored_delta", "halves"]
-
-# Bytes of one row block of the rebuild: small enough to stay in a core's cache.
-_BLOCK_BYTES = 1 << 21
+__all__ = [
+    "Layout",
+    "choose",
+    "delta_weight",
+    "dense_forward",
+    "factored_delta",
+    "halves",
+    "pair",
+]
 
 
 @dataclass(frozen=True)
@@ -61,12 +69,12 @@ class Layout:
     def in_features(self) -> int:
         return prod(shape[2] for shape in self.shapes)
 
-    @property
+    @cached_property
     def rank(self) -> int:
         """The bond rank ``r`` at which the halves meet."""
         return 1 if len(self.shapes) == 1 else self.shapes[half_plans(self.shapes)[0]][0]
 
-    @property
+    @cached_property
     def blocks(self) -> tuple[int, int, int, int]:
         """``(I_L, J_L, I_R, J_R)``: the row and column sizes of the two halves."""
         if len(self.shapes) == 1:
@@ -91,61 +99,110 @@ def halves(cores: list[Any], layout: Layout) -> tuple[Any, Any]:
     return left.reshape(-1, rank), right.reshape(rank, -1)
 
 
-def _steps(size: int, row_bytes: int) -> range:
-    return range(0, size, max(1, _BLOCK_BYTES // max(1, row_bytes)))
+def pair(cores: list[Any], init: list[Any] | None, layout: Layout) -> tuple[Any, Any]:
+    """``A`` (``I_L J_L x k``) and ``B`` (``k x I_R J_R``) with ``Delta = A @ B``, permuted.
+
+    Without ``T0``, ``A = L`` and ``B = R``. With it, ``A = [L - L0, L0]`` and
+    ``B = [R; R - R0]`` (``k = 2r``), since ``(L - L0) R + L0 (R - R0) = L R - L0 R0``:
+    one product instead of two, and each of its terms is of the size of ``Delta``,
+    not of ``W0``, so nothing cancels catastrophically. At initialisation
+    (``L = L0``, ``R = R0``) every term has an exactly zero factor, so ``Delta`` is
+    exactly zero in any dtype.
+    """
+    return _join(halves(cores, layout), None if init is None else halves(init, layout))
 
 
-def _merged(weight: Any, terms: list[tuple[Any, Any]], layout: Layout) -> Any:
-    """``W0 + L R - L0 R0`` in the weight's layout and dtype, one cache-sized block at a time.
+def _join(term: tuple[Any, Any], initial: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    """:func:`pair` from the halves ``(L, R)`` of ``T`` and ``(L0, R0)`` of ``T0``."""
+    if initial is None:
+        return term
+    (left, right), (left0, right0) = term, initial
+    return torch.cat([left - left0, left0], 1), torch.cat([right, right - right0], 0)
 
-    ``terms`` is ``[(L, R)]`` or ``[(L, R), (L0, R0)]``. A ``Linear`` weight viewed
-    as ``(I_L, I_R, J_L, J_R)`` is blocked along ``I_L``; a ``Conv1D`` weight,
-    ``(J_L, J_R, I_L, I_R)``, along ``J_L``.
+
+def is_zero(cores: list[Any], init: list[Any] | None) -> bool:
+    """True when ``Delta`` is exactly zero: cores equal to ``T0``, or (without it) a zero core."""
+    if init is None:
+        return any(not core.any() for core in cores)
+    return all(torch.equal(core, core0) for core, core0 in zip(cores, init, strict=True))
+
+
+# Bytes of one block of W0 + Delta. On a CPU, small enough to stay in a core's cache
+# between its rebuild and its use, and below glibc's mmap threshold (32 MiB), above which
+# every fresh buffer is new pages whose first touch costs as much as the rebuild (a 64 MB
+# copy: 7 ms into an existing buffer, 24 ms into a new one). On a GPU, large enough that
+# kernel launches do not count, small enough that transients stay far below a layer.
+_CPU_BLOCK_BYTES = 1 << 22
+_GPU_BLOCK_BYTES = 1 << 26
+
+
+def _blocks(size: int, unit_bytes: int, device: Any) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``size`` units of ``unit_bytes`` each, one block each."""
+    budget = _CPU_BLOCK_BYTES if device.type == "cpu" else _GPU_BLOCK_BYTES
+    step = max(1, budget // max(1, unit_bytes))
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def _oriented(weight: Any, layout: Layout) -> Any:
+    """The ``(out, in)`` matrix as a view (a ``Conv1D`` weight is stored ``(in, out)``)."""
+    return weight.T if layout.transposed else weight
+
+
+def _merged(weight: Any, a: Any, b: Any, layout: Layout) -> Any:
+    """``W0 + Delta`` in the weight's layout and dtype, built one block at a time.
+
+    A ``Linear`` weight viewed as ``(I_L, I_R, J_L, J_R)`` is blocked along ``I_L``;
+    a ``Conv1D`` weight, ``(J_L, J_R, I_L, I_R)``, along ``J_L``.
     """
     i_l, j_l, i_r, j_r = layout.blocks
-    rank = terms[0][0].shape[1]
+    k = a.shape[1]
     merged = torch.empty_like(weight)
-    lefts = [left.view(i_l, j_l, rank) for left, _ in terms]
+    rows = a.view(i_l, j_l, k)
     if layout.transposed:
         view = (j_l, j_r, i_l, i_r)
-        steps = _steps(j_l, i_l * i_r * j_r * 4)
+        blocks = _blocks(j_l, i_l * i_r * j_r * 4, weight.device)
     else:
         view = (i_l, i_r, j_l, j_r)
-        steps = _steps(i_l, j_l * i_r * j_r * 4)
+        blocks = _blocks(i_l, j_l * i_r * j_r * 4, weight.device)
     source, target = weight.view(view), merged.view(view)
-    for start in steps:
-        stop = start + steps.step
-        block = None
-        for (_, right), left in zip(terms, lefts, strict=True):
-            rows = left[:, start:stop] if layout.transposed else left[start:stop]
-            product = rows.reshape(-1, rank) @ right
-            block = product if block is None else block.sub_(product)
-        if layout.transposed:  # (I_L, c, I_R, J_R) -> (c, J_R, I_L, I_R)
-            block = block.view(i_l, -1, i_r, j_r).permute(1, 3, 0, 2)
-        else:  # (c, J_L, I_R, J_R) -> (c, I_R, J_L, J_R)
-            block = block.view(-1, j_l, i_r, j_r).permute(0, 2, 1, 3)
+    for start, stop in blocks:
+        part = rows[:, start:stop] if layout.transposed else rows[start:stop]
+        block = (part.reshape(-1, k) @ b).view(*part.shape[:2], i_r, j_r)
+        # (I_L, c, I_R, J_R) -> (c, J_R, I_L, I_R), or (c, J_L, I_R, J_R) -> (c, I_R, J_L, J_R)
+        block = block.permute(1, 3, 0, 2) if layout.transposed else block.permute(0, 2, 1, 3)
         torch.add(source[start:stop], block.to(weight.dtype), out=target[start:stop])
     return merged
 
 
-def _grad_halves(rows_dy: Any, rows_x: Any, left: Any, right: Any, layout: Layout) -> tuple:
-    """Gradients of ``L`` and ``R`` from ``dL/dDelta = dy^T x``, one block of rows at a time.
+def _row_block(matrix: Any, a: Any, b: Any, start: int, stop: int, layout: Layout) -> Any:
+    """Rows ``(i_L, i_R)``, ``start <= i_L < stop``, of ``W0 + Delta``: ``(c I_R, J)``.
 
-    Regrouped as ``G[(i_L, j_L), (i_R, j_R)]``, ``dL/dL = G R^T`` and ``dL/dR = L^T G``;
-    ``G`` is never whole in memory.
+    ``matrix`` is ``W0`` as ``(out, in)`` (:func:`_oriented`); ``Delta``'s block is
+    ``A @ B`` in their dtype, the sum is rounded once, to that dtype too.
     """
     i_l, j_l, i_r, j_r = layout.blocks
-    grad_left = torch.empty_like(left)
-    grad_right = torch.zeros_like(right)
-    steps = _steps(i_l, i_r * layout.in_features * 4)
-    for start in steps:
-        stop = min(start + steps.step, i_l)
-        block = rows_dy[:, start * i_r : stop * i_r].T @ rows_x
-        block = block.view(stop - start, i_r, j_l, j_r).permute(0, 2, 1, 3)
-        block = block.reshape((stop - start) * j_l, i_r * j_r).to(left.dtype)
-        torch.mm(block, right.T, out=grad_left[start * j_l : stop * j_l])
-        grad_right.addmm_(left[start * j_l : stop * j_l].T, block)
-    return grad_left, grad_right
+    product = (a.view(i_l, j_l, -1)[start:stop].flatten(0, 1) @ b).view(-1, j_l, i_r, j_r)
+    block = product.new_empty(stop - start, i_r, j_l, j_r)
+    source = matrix.view(i_l, i_r, j_l, j_r)[start:stop]
+    torch.add(source, product.permute(0, 2, 1, 3), out=block)
+    return block.view(-1, layout.in_features)
+
+
+def _column_block(matrix: Any, a: Any, b: Any, start: int, stop: int, layout: Layout) -> Any:
+    """Columns ``(j_L, j_R)``, ``start <= j_L < stop``, of ``W0 + Delta``: ``(I, c J_R)``."""
+    i_l, j_l, i_r, j_r = layout.blocks
+    product = (a.view(i_l, j_l, -1)[:, start:stop].flatten(0, 1) @ b).view(i_l, -1, i_r, j_r)
+    block = product.new_empty(i_l, i_r, stop - start, j_r)
+    source = matrix.view(i_l, i_r, j_l, j_r)[:, :, start:stop]
+    torch.add(source, product.permute(0, 2, 1, 3), out=block)
+    return block.view(layout.out_features, -1)
+
+
+def _compute_dtype(a: Any, dtype: Any) -> Any:
+    """The dtype blocks are rebuilt in for products in ``dtype``: bfloat16 products (the
+    matrix units' dtype, with fp32's exponent range) stay in bfloat16, since the block
+    is rounded to it anyway; anything else in the cores' dtype (fp16 could underflow)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else a.dtype
 
 
 @torch.no_grad()
@@ -156,15 +213,7 @@ def delta_weight(cores: list[Any], init: list[Any] | None, layout: Layout) -> An
         if layout.transposed
         else (layout.out_features, layout.in_features)
     )
-    zeros = cores[0].new_zeros(shape)
-    return _merged(zeros, _terms(cores, init, layout), layout)
-
-
-def _terms(cores: list[Any], init: list[Any] | None, layout: Layout) -> list[tuple[Any, Any]]:
-    terms = [halves(cores, layout)]
-    if init is not None:
-        terms.append(halves(init, layout))
-    return terms
+    return _merged(cores[0].new_zeros(shape), *pair(cores, init, layout), layout)
 
 
 def _linear(x: Any, weight: Any, bias: Any, transposed: bool) -> Any:
@@ -177,18 +226,53 @@ def _linear(x: Any, weight: Any, bias: Any, transposed: bool) -> Any:
     return y.view(*x.shape[:-1], weight.shape[-1])
 
 
+def _blocked_forward(x: Any, weight: Any, bias: Any, a: Any, b: Any, layout: Layout) -> Any:
+    """``x (W0 + Delta)^T + b``, each block of output columns from a block of rows of
+    ``W0 + Delta`` rebuilt just before its product (so ``W0 + Delta`` is never whole)."""
+    i_l, _, i_r, _ = layout.blocks
+    matrix = _oriented(weight, layout)
+    rows = x.reshape(-1, layout.in_features)
+    y = rows.new_empty(rows.shape[0], layout.out_features)
+    dtype = _compute_dtype(a, x.dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    unit = i_r * layout.in_features * matrix.element_size()
+    for start, stop in _blocks(i_l, unit, x.device):
+        block = _row_block(matrix, a, b, start, stop, layout).to(x.dtype)
+        columns = slice(start * i_r, stop * i_r)
+        if bias is None:
+            torch.mm(rows, block.T, out=y[:, columns])
+        else:
+            torch.addmm(bias[columns], rows, block.T, out=y[:, columns])
+    return y.view(*x.shape[:-1], layout.out_features)
+
+
 class _DenseDelta(torch.autograd.Function):
-    """``x (W0 + MPO(T) - MPO(T0))^T + b`` with the dense rebuild done twice, saved never."""
+    """``x (W0 + MPO(T) - MPO(T0))^T + b`` with ``W0 + Delta`` rebuilt block by block in
+    the forward and again in the backward, and saved never."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layout, n, *cores_and_init):  # type: ignore[override]
         cores, init = list(cores_and_init[:n]), list(cores_and_init[n:]) or None
-        # The update is rebuilt in the cores' dtype even under autocast, as in the backward.
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            merged = _merged(weight, _terms(cores, init, layout), layout)
-        with torch.no_grad():
-            bias = None if bias is None else bias.to(x.dtype)
-            y = _linear(x, merged.to(x.dtype), bias, layout.transposed)
+        i_l, _, i_r, _ = layout.blocks
+        unit = i_r * layout.in_features * weight.element_size()
+        device = x.device.type
+        # Under autocast the products run in its dtype, as the base layer's would; the
+        # update itself is rebuilt under our control (see _compute_dtype), as in the backward.
+        if torch.is_autocast_enabled(device) and x.is_floating_point():
+            rows = x.to(torch.get_autocast_dtype(device))
+        else:
+            rows = x
+        with torch.no_grad(), torch.autocast(device, enabled=False):
+            bias = None if bias is None else bias.to(rows.dtype)
+            if len(_blocks(i_l, unit, x.device)) == 1:
+                # W0 + Delta is W0 exactly when Delta is zero: the base layer's result
+                merged = _merged(weight, *pair(cores, init, layout), layout)
+                y = _linear(rows, merged.to(rows.dtype), bias, layout.transposed)
+            elif is_zero(cores, init):
+                # a blocked product may round differently from the base layer's one
+                y = _linear(rows, weight.to(rows.dtype), bias, layout.transposed)
+            else:
+                y = _blocked_forward(rows, weight, bias, *pair(cores, init, layout), layout)
         ctx.layout, ctx.n = layout, n
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *cores_and_init)
@@ -199,27 +283,57 @@ class _DenseDelta(torch.autograd.Function):
         x, weight, *cores_and_init = ctx.saved_tensors
         layout, n = ctx.layout, ctx.n
         cores, init = cores_and_init[:n], list(cores_and_init[n:]) or None
-        needs = ctx.needs_input_grad
-        grad_x = grad_bias = None
         with torch.enable_grad():
             leaves = [core.detach().requires_grad_(True) for core in cores]
-            left, right = halves(leaves, layout)
+            tied = halves(leaves, layout)
         with torch.no_grad():
-            terms = [(left.detach(), right.detach())]
-            if init is not None:
-                terms.append(halves(init, layout))
-            rows_dy = dy.reshape(-1, layout.out_features)
-            if needs[0]:
-                merged = _merged(weight, terms, layout).to(dy.dtype)
-                grad_x = rows_dy @ (merged.T if layout.transposed else merged)
-                grad_x = grad_x.view(x.shape).to(x.dtype)
-                del merged
-            rows_x = x.reshape(-1, layout.in_features).to(dy.dtype)
-            grad_left, grad_right = _grad_halves(rows_dy, rows_x, *terms[0], layout)
-            if ctx.has_bias and needs[2]:
-                grad_bias = rows_dy.sum(0)
-        core_grads = torch.autograd.grad((left, right), leaves, (grad_left, grad_right))
+            left, right = tied[0].detach(), tied[1].detach()
+            a, b = _join((left, right), None if init is None else halves(init, layout))
+            grad_x, grad_left, grad_right = _dense_backward(
+                dy, x, weight, a, b, left, right, layout, with_x=ctx.needs_input_grad[0]
+            )
+            grad_bias = None
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = dy.reshape(-1, layout.out_features).sum(0)
+        core_grads = torch.autograd.grad(tied, leaves, (grad_left, grad_right))
+        grad_x = None if grad_x is None else grad_x.view(x.shape).to(x.dtype)
         return (grad_x, None, grad_bias, None, None, *core_grads, *([None] * len(init or [])))
+
+
+def _dense_backward(dy, x, weight, a, b, left, right, layout: Layout, *, with_x: bool) -> tuple:
+    """``dL/dx = dy (W0 + Delta)`` (``None`` unless ``with_x``) and the gradients of the
+    halves ``L`` and ``R``.
+
+    One pass over blocks of input columns ``(j_L, j_R)``: rebuild the block of
+    ``W0 + Delta`` and take its share of ``dL/dx`` (when wanted), form the same columns of
+    ``G = dy^T x`` (``dL/dDelta``) and, regrouped as ``G[(i_L, j_L), (i_R, j_R)]``,
+    add their share of ``dL/dL = G R^T`` and ``dL/dR = L^T G``. Neither
+    ``W0 + Delta`` nor ``G`` is ever whole in memory.
+    """
+    i_l, j_l, i_r, j_r = layout.blocks
+    rank = left.shape[1]
+    matrix = _oriented(weight, layout)
+    rows_dy = dy.reshape(-1, layout.out_features)
+    rows_x = x.reshape(-1, layout.in_features).to(dy.dtype)
+    # G and its products with the halves in the compute dtype, accumulated in the halves'
+    dtype = _compute_dtype(left, dy.dtype)
+    a, b, lefts, right_t = a.to(dtype), b.to(dtype), left.to(dtype), right.T.to(dtype)
+    lefts = lefts.view(i_l, j_l, rank)
+    grad_x = rows_dy.new_empty(rows_x.shape) if with_x else None
+    grad_left = torch.empty_like(left)
+    grad_right = torch.zeros_like(right)
+    grad_lefts = grad_left.view(i_l, j_l, rank)
+    unit = j_r * layout.out_features * matrix.element_size()
+    for start, stop in _blocks(j_l, unit, dy.device):
+        columns = slice(start * j_r, stop * j_r)
+        if grad_x is not None:
+            block = _column_block(matrix, a, b, start, stop, layout).to(dy.dtype)
+            torch.mm(rows_dy, block, out=grad_x[:, columns])
+        g = (rows_dy.T @ rows_x[:, columns]).view(i_l, i_r, stop - start, j_r)
+        g = g.permute(0, 2, 1, 3).reshape(-1, i_r * j_r).to(dtype)
+        grad_lefts[:, start:stop] = (g @ right_t).view(i_l, -1, rank)
+        grad_right += lefts[:, start:stop].flatten(0, 1).T @ g
+    return grad_x, grad_left, grad_right
 
 
 def dense_forward(
@@ -229,32 +343,22 @@ def dense_forward(
     return _DenseDelta.apply(x, weight, bias, layout, len(cores), *cores, *(init or []))
 
 
-def _through_halves(rows: Any, left: Any, right: Any, layout: Layout) -> Any:
-    """``x Delta_term^T`` for ``x`` of shape ``(B, J_L, J_R)``: ``(B, I_L, I_R)`` out.
+def factored_delta(x: Any, a: Any, b: Any, layout: Layout) -> Any:
+    """``x Delta^T`` through ``Delta = A @ B`` (:func:`pair`), no full-size matrix.
 
-    First ``Z[b, j_L, r, i_R] = sum_{j_R} x[b, j_L, j_R] R[r, i_R, j_R]``, then
-    ``y[b, i_L, i_R] = sum_{j_L, r} L[i_L, j_L, r] Z[b, j_L, r, i_R]``.
+    For ``x`` viewed as ``(rows, J_L, J_R)``: first
+    ``Z[n, j_L, k, i_R] = sum_{j_R} x[n, j_L, j_R] B[k, i_R, j_R]``, then
+    ``y[n, i_L, i_R] = sum_{j_L, k} A[i_L, j_L, k] Z[n, j_L, k, i_R]``. Computed in the
+    cores' dtype with autocast off (bfloat16 would round the update's few digits away),
+    returned in that dtype.
     """
     i_l, j_l, i_r, j_r = layout.blocks
-    rank = left.shape[1]
-    batch = rows.shape[0]
-    right_t = right.view(rank, i_r, j_r).permute(2, 0, 1).reshape(j_r, rank * i_r)
-    z = (rows.reshape(batch * j_l, j_r) @ right_t).view(batch, j_l * rank, i_r)
-    return left.reshape(i_l, j_l * rank) @ z
-
-
-def factored_delta(x: Any, terms: list[tuple[Any, Any]], layout: Layout) -> Any:
-    """``x Delta^T`` through the halves (``terms`` as for :func:`halves`), no full-size matrix.
-
-    Computed in the halves' dtype with autocast off (a bf16 difference of two
-    nearly equal terms would lose most of its digits), returned in the halves' dtype.
-    """
-    dtype = terms[0][0].dtype
-    rows = x.reshape(-1, *layout.blocks[1::2]).to(dtype)
+    k = a.shape[1]
+    rows = x.reshape(-1, j_l, j_r).to(a.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        out = _through_halves(rows, *terms[0], layout)
-        if len(terms) > 1:
-            out = out - _through_halves(rows, *terms[1], layout)
+        b_t = b.view(k, i_r, j_r).permute(2, 0, 1).reshape(j_r, k * i_r)
+        z = (rows.reshape(-1, j_r) @ b_t).view(-1, j_l * k, i_r)
+        out = a.view(i_l, j_l * k) @ z
     return out.reshape(*x.shape[:-1], layout.out_features)
 
 
@@ -270,13 +374,12 @@ _REBUILD_FLOPS_PER_ENTRY = 60.0
 def choose(rows: int, layout: Layout, *, training: bool, with_init: bool) -> str:
     """``"factored"`` or ``"dense"``, whichever the cost estimate says is cheaper.
 
-    Over a frozen layer, in units of large-matmul flops, with ``r`` the rank
-    where the halves meet and ``t`` the number of terms (2 with ``T0``):
+    Over a frozen layer, in units of large-matmul flops, with ``k`` the inner size
+    of :func:`pair` (``2r`` with ``T0``, ``r`` without):
 
-    * factored: ``p B 2 r (J I_R + I J_L)`` per term and pass; the forward
-      passes every term, training adds the backward of ``T`` (two passes) and
-      of ``T0`` (one);
-    * dense: per rebuild ``2 I J r t`` plus ``c I J`` of memory traffic, one
+    * factored: ``p B 2 k (J I_R + I J_L)`` per pass, one pass in the forward
+      and two more in the backward;
+    * dense: per rebuild ``2 I J k`` plus ``c I J`` of memory traffic, one
       rebuild in the forward and one in the backward; training adds the
       ``2 B I J`` of ``dy^T x``.
     """
@@ -284,10 +387,9 @@ def choose(rows: int, layout: Layout, *, training: bool, with_init: bool) -> str
         return "dense"
     _, j_l, i_r, _ = layout.blocks
     size = layout.out_features * layout.in_features
-    terms = 2 if with_init else 1
-    per_row = 2 * layout.rank * (layout.in_features * i_r + layout.out_features * j_l)
-    passes = (2 * terms + 1) if training else terms
-    factored = _FACTORED_PENALTY * rows * per_row * passes
-    rebuild = 2 * size * layout.rank * terms + _REBUILD_FLOPS_PER_ENTRY * size
+    k = layout.rank * (2 if with_init else 1)
+    per_row = 2 * k * (layout.in_features * i_r + layout.out_features * j_l)
+    factored = _FACTORED_PENALTY * rows * per_row * (3 if training else 1)
+    rebuild = 2 * size * k + _REBUILD_FLOPS_PER_ENTRY * size
     dense = rebuild * (2 if training else 1) + (2 * rows * size if training else 0)
     return "factored" if factored < dense else "dense"

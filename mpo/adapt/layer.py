@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import mpo
-from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, halves
+from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, pair
 from mpo.adapt.targets import weight_shape
 from mpo.errors import MPOError
 
@@ -121,6 +121,7 @@ class DoTALinear(nn.Module):
         self.dota_cores = nn.ModuleDict()
         self.dota_init = nn.ModuleDict()
         self.adapter_settings: dict[str, dict[str, Any]] = {}
+        self._layouts: dict[str, Layout] = {}
         self.active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -212,6 +213,8 @@ class DoTALinear(nn.Module):
             self.dota_init[adapter_name] = _Cores(
                 [c.detach().clone(memory_format=torch.contiguous_format) for c in initial_cores]
             )
+        shapes = tuple(tuple(int(d) for d in core.shape) for core in cores)
+        self._layouts[adapter_name] = Layout(shapes, self._transposed)
         self.adapter_settings[adapter_name] = {
             "rank": rank,
             "shape": [list(shape[0]), list(shape[1])],
@@ -244,8 +247,8 @@ class DoTALinear(nn.Module):
         return self.dota_init[name].tensors() if name in self.dota_init else None
 
     def layout(self, adapter_name: str | None = None) -> Layout:
-        cores = self.cores(adapter_name)
-        return Layout(tuple(tuple(int(d) for d in c.shape) for c in cores), self._transposed)
+        """How the adapter's cores sit in the weight (fixed when the adapter is added)."""
+        return self._layouts[adapter_name or self.active_adapter]
 
     # -- PEFT-style merging ------------------------------------------------------------
 
@@ -296,7 +299,8 @@ class DoTALinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
-        cores, init, layout = self.cores(), self.initial_cores(), self.layout()
+        name = self.active_adapter
+        cores, init, layout = self.cores(name), self.initial_cores(name), self._layouts[name]
         strategy = self.strategy
         if strategy == "auto":
             rows = math.prod(x.shape[:-1])
@@ -307,31 +311,31 @@ class DoTALinear(nn.Module):
                 x, self.base_layer.weight, self.base_layer.bias, cores, init, layout
             )
         result = self.base_layer(x, *args, **kwargs)
-        delta = factored_delta(x, self._halves(cores, init, layout), layout)
+        delta = factored_delta(x, *self._pair(cores, init, layout), layout)
         return result + delta.to(result.dtype)
 
-    def _halves(self, cores: list, init: list | None, layout: Layout) -> list:
-        """The halves ``(L, R)`` of ``T`` (and ``T0``); cached between calls without autograd.
+    def _pair(self, cores: list, init: list | None, layout: Layout) -> tuple:
+        """``(A, B)`` with ``Delta = A @ B`` (:func:`mpo.adapt.delta.pair`); cached between
+        calls without autograd.
 
         Generation calls the layer once per token with unchanged cores; the cache
         is keyed by the cores' identities and version counters, which every
         in-place update (an optimizer step, ``load_state_dict``) bumps.
         """
 
-        def compute() -> list:
+        def compute() -> tuple:
             # in the cores' dtype: autocast would round the halves to bfloat16
             with torch.autocast(cores[0].device.type, enabled=False):
-                terms = [halves(cores, layout)]
-                return terms if init is None else [*terms, halves(init, layout)]
+                return pair(cores, init, layout)
 
         if torch.is_grad_enabled():
-            self._halves_cache = None
+            self._pair_cache = None
             return compute()
         key = (self.active_adapter, *((id(c), c._version, c.device) for c in cores))
-        cached = getattr(self, "_halves_cache", None)
+        cached = getattr(self, "_pair_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, compute())
-            self._halves_cache = cached
+            self._pair_cache = cached
         return cached[1]
 
     def extra_repr(self) -> str:

@@ -411,7 +411,7 @@ class QDoTALinear(nn.Module):
         rows = math.prod(x.shape[:-1])
         training = torch.is_grad_enabled() and cores[0].requires_grad
         if choose(rows, layout, training=training, with_init=False) == "factored":
-            update = factored_delta(x, [halves(cores, layout)], layout)
+            update = factored_delta(x, *halves(cores, layout), layout)
             return y + update.to(y.dtype)
         # Many rows: DoTA's dense strategy with W0 = 0 rebuilds MPO(T) in blocks and saves
         # nothing full-size; the factored path would keep an intermediate 16-48x the size of
