@@ -1,6 +1,8 @@
 """QDoTA: a 4-bit NF4 residual ``W0 - MPO(T0)`` plus trainable cores."""
 
 import builtins
+import json
+import math
 import warnings
 
 import pytest
@@ -17,6 +19,9 @@ from mpo.adapt.delta import Layout, choose, delta_weight  # noqa: E402
 from mpo.adapt.quant import float_weight  # noqa: E402
 
 SHAPE = ((4, 4, 4, 4), (4, 4, 4, 4))
+WIDE_SHAPE = ((4, 4, 4, 2), (4, 4, 4, 4))  # a 128 x 256 (out x in) weight
+GPT2 = dict(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
 def trained_like(n=256, m=256, seed=0):
@@ -37,6 +42,16 @@ def linear(weight, bias=True):
     return layer
 
 
+def conv1d(weight):
+    """transformers' ``Conv1D`` computing ``x weight^T + b`` (it stores ``weight^T``: in x out)."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    layer = pytorch_utils.Conv1D(weight.shape[0], weight.shape[1])
+    with torch.no_grad():
+        layer.weight.copy_(weight.T)
+        layer.bias.copy_(torch.linspace(-1, 1, weight.shape[0]))
+    return layer
+
+
 def mpo_dense(cores):
     layout = Layout(tuple(tuple(c.shape) for c in cores), False)
     return delta_weight([c.detach().float() for c in cores], None, layout)
@@ -52,6 +67,40 @@ def tiny_llama(**overrides):
     config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config)
+
+
+def tiny_gpt2():
+    """A tiny GPT-2 (its linear layers are ``Conv1D``), same weights every call, no dropout."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)).eval()
+
+
+def wrap_gpt2(model):
+    return mpo.adapt.wrap(
+        model, target_modules=GPT2_TARGETS, quantize="nf4", rank=4, num_cores=2, quiet=True
+    )
+
+
+def all_cores(model):
+    return [c for _, layer in mpo.adapt.dota_layers(model) for c in layer.cores()]
+
+
+def trainer(model, folder, steps=3):
+    """transformers' ``Trainer`` for ``steps`` steps of 2 rows on the cpu, saving nothing."""
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))
+    args = transformers.TrainingArguments(
+        output_dir=folder,
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    return transformers.Trainer(model=model, args=args, train_dataset=data)
 
 
 def losses_over_adamw_steps(model, steps=8):
@@ -93,15 +142,19 @@ def tiny_llama_folder(tmp_path_factory):
     return folder
 
 
-def load_in_4bit(folder):
+def load_in_4bit(folder, skip=None):
     """The tiny LLaMA as ``from_pretrained`` loads it with a 4-bit ``BitsAndBytesConfig``.
 
     With bitsandbytes >= 0.46 this works on the cpu (``device_map="cpu"``): the
-    linear layers become ``Linear4bit`` with NF4 weights, as on a GPU.
+    linear layers become ``Linear4bit`` with NF4 weights, as on a GPU, except
+    those named in ``skip`` (``llm_int8_skip_modules``).
     """
     transformers = pytest.importorskip("transformers")
     config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=skip,
     )
     return transformers.AutoModelForCausalLM.from_pretrained(
         folder, quantization_config=config, device_map="cpu"
@@ -154,9 +207,11 @@ def test_only_the_cores_get_gradients():
     assert layer.bias.grad is None
 
 
+@pytest.mark.parametrize("base", [linear, conv1d], ids=["Linear", "Conv1D"])
 @pytest.mark.parametrize("rows", [3, 2048])  # the factored and the dense strategy
-def test_gradients_of_the_cores_match_autograd_through_the_dense_weight(rows):
-    layer = QDoTALinear(linear(trained_like()), rank=8, shape=SHAPE, dtype=torch.float32)
+def test_gradients_of_the_cores_match_autograd_through_the_dense_weight(base, rows):
+    weight = trained_like(128, 256)
+    layer = QDoTALinear(base(weight), rank=8, shape=WIDE_SHAPE, dtype=torch.float32)
     with torch.no_grad():
         layer.cores()[-1].add_(0.05)
     expected = "factored" if rows == 3 else "dense"
@@ -246,23 +301,10 @@ class TestWrap:
         assert torch.equal(q_proj.weight, expected.to(torch.bfloat16))
 
     def test_transformers_trainer_trains_the_cores(self, tmp_path):
-        transformers = pytest.importorskip("transformers")
         model = mpo.adapt.wrap(tiny_llama(), quantize="nf4", rank=4, num_cores=2, quiet=True)
-        ids = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))
-        before = [
-            c.detach().clone() for _, layer in mpo.adapt.dota_layers(model) for c in layer.cores()
-        ]
-        args = transformers.TrainingArguments(
-            output_dir=tmp_path,
-            max_steps=3,
-            per_device_train_batch_size=2,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-        )
-        data = [{"input_ids": row, "labels": row} for row in ids]
-        transformers.Trainer(model=model, args=args, train_dataset=data).train()
-        after = [c.detach() for _, layer in mpo.adapt.dota_layers(model) for c in layer.cores()]
+        before = [c.detach().clone() for c in all_cores(model)]
+        trainer(model, tmp_path).train()
+        after = all_cores(model)
         assert not any(torch.equal(a, b) for a, b in zip(after, before, strict=True))
         assert all(isinstance(layer, QDoTALinear) for _, layer in mpo.adapt.dota_layers(model))
 
@@ -390,6 +432,55 @@ class TestFourBitInput:
         assert torch.equal(q_proj.weight, expected)
 
 
+class TestTrainerOnA4BitModel:
+    """transformers' Trainer refuses "purely quantized" models; a wrapped one carries adapters."""
+
+    def test_trainer_refuses_the_model_before_wrap(self, tiny_llama_folder, tmp_path):
+        with pytest.raises(ValueError, match="purely quantized"):
+            trainer(load_in_4bit(tiny_llama_folder), tmp_path)
+
+    def test_trainer_trains_the_cores_of_a_wrapped_model(self, tiny_llama_folder, tmp_path):
+        model, _ = wrap_4bit(load_in_4bit(tiny_llama_folder))
+        before = [c.detach().clone() for c in all_cores(model)]
+        result = trainer(model, tmp_path, steps=2).train()
+        assert result.global_step == 2
+        assert math.isfinite(result.training_loss)
+        after = all_cores(model)
+        assert not any(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+    def test_the_wrapped_model_stays_4_bit_for_save_pretrained(self, tiny_llama_folder, tmp_path):
+        model, _ = wrap_4bit(load_in_4bit(tiny_llama_folder))
+        model.save_pretrained(tmp_path)
+        config = json.loads((tmp_path / "config.json").read_text())
+        assert config["quantization_config"]["load_in_4bit"] is True
+        assert type(model.model.layers[0].self_attn.o_proj).__name__ == "Linear4bit"
+
+    def test_a_loaded_adapter_is_accepted_by_trainer(self, tiny_llama_folder, tmp_path):
+        model, _ = wrap_4bit(load_in_4bit(tiny_llama_folder))
+        mpo.adapt.save_adapter(model, tmp_path / "adapter")
+        restored = mpo.adapt.load_adapter(load_in_4bit(tiny_llama_folder), tmp_path / "adapter")
+        assert trainer(restored, tmp_path).model is restored
+
+    def test_merge_and_unload_gives_the_refusal_back(self, tiny_llama_folder, tmp_path):
+        model, _ = wrap_4bit(load_in_4bit(tiny_llama_folder))
+        merged = mpo.adapt.merge_and_unload(model)
+        assert merged.is_quantized is True
+        with pytest.raises(ValueError, match="purely quantized"):
+            trainer(merged, tmp_path)
+
+    def test_unwrap_gives_the_refusal_back(self, tiny_llama_folder, tmp_path):
+        # DoTA (not QDoTA) on the targets a 4-bit loading skipped: unwrap is allowed
+        skip = [*mpo.adapt.PAPER_TARGETS, "lm_head"]
+        model = mpo.adapt.wrap(
+            load_in_4bit(tiny_llama_folder, skip), rank=4, num_cores=2, quiet=True
+        )
+        assert trainer(model, tmp_path).model is model
+        mpo.adapt.unwrap(model)
+        assert model.is_quantized is True
+        with pytest.raises(ValueError, match="purely quantized"):
+            trainer(model, tmp_path)
+
+
 class TestErrors:
     def test_missing_bitsandbytes_names_the_extra(self, monkeypatch):
         real_import = builtins.__import__
@@ -427,11 +518,101 @@ class TestErrors:
         with pytest.raises(mpo.MPOError, match=r"Linear8bitLt.*8 bits.*Load it in bfloat16"):
             mpo.adapt.wrap(model, quantize=quantize, rank=4, num_cores=2, quiet=True)
 
-    def test_conv1d_is_not_supported_yet(self):
-        transformers = pytest.importorskip("transformers")
-        config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
-        model = transformers.GPT2LMHeadModel(config)
-        with pytest.raises(mpo.MPOError, match=r"c_attn is a Conv1D"):
-            mpo.adapt.wrap(
-                model, target_modules=["c_attn"], quantize="nf4", rank=4, num_cores=2, quiet=True
-            )
+    def test_other_layer_types_are_refused(self):
+        with pytest.raises(mpo.MPOError, match=r"is a Conv1d; QDoTA adapts torch.nn.Linear"):
+            QDoTALinear(torch.nn.Conv1d(8, 8, 1), rank=4)
+
+
+class TestConv1D:
+    """transformers' Conv1D stores W0 as (in, out); the residual and the MPO are (out, in)."""
+
+    def test_residual_is_quantized_in_the_out_in_orientation(self):
+        weight = trained_like(128, 256)
+        layer = QDoTALinear(conv1d(weight), rank=16, shape=WIDE_SHAPE)
+        assert layer.residual.shape == (128, 256)
+        expected = nf4(weight - mpo_dense(layer.initial_cores()))
+        assert torch.equal(layer.residual.dequantize(), expected)
+
+    @pytest.mark.parametrize("rows", [3, 2048])  # the factored and the dense strategy
+    def test_output_at_initialisation_is_the_residual_plus_the_initial_mpo(self, rows):
+        weight = trained_like(128, 256)
+        base = conv1d(weight)
+        layer = QDoTALinear(base, rank=8, shape=WIDE_SHAPE, dtype=torch.float32)
+        expected = "factored" if rows == 3 else "dense"
+        assert choose(rows, layer.layout(), training=True, with_init=False) == expected
+        initial = mpo_dense(layer.initial_cores())
+        x = torch.randn(rows, 256)
+        reference = x @ (nf4(weight - initial) + initial).T + base.bias
+        y = layer(x)
+        assert torch.allclose(y, reference, rtol=1e-4, atol=1e-5 * reference.abs().max())
+
+    def test_delta_weight_is_in_the_conv1d_layout(self):
+        base = conv1d(trained_like(128, 256))
+        layer = QDoTALinear(base, rank=8, shape=WIDE_SHAPE, dtype=torch.float32)
+        with torch.no_grad():
+            layer.cores()[-1].add_(0.05)
+        delta = layer.get_delta_weight()
+        expected = mpo_dense(layer.cores()) - mpo_dense(layer.initial_cores())
+        assert delta.shape == (256, 128)
+        assert torch.allclose(delta, expected.T, atol=1e-6)
+
+    def test_merge_and_unload_gives_a_conv1d_holding_the_transposed_weight(self):
+        base = conv1d(trained_like(128, 256))
+        layer = QDoTALinear(base, rank=8, shape=WIDE_SHAPE, dtype=torch.float32)
+        with torch.no_grad():
+            layer.cores()[-1].add_(0.05)
+        merged = layer.merge_and_unload()
+        assert type(merged).__name__ == "Conv1D"
+        assert merged.weight.shape == (256, 128)
+        assert torch.equal(merged.weight, layer.effective_weight().T)
+        assert torch.equal(merged.bias, layer.bias)
+        x = torch.randn(3, 256)
+        with torch.no_grad():
+            expected = layer(x)
+            assert torch.allclose(merged(x), expected, atol=1e-4 * expected.abs().max())
+
+    def test_wrap_trains_only_the_cores_of_a_gpt2(self):
+        model = wrap_gpt2(tiny_gpt2())
+        layers = mpo.adapt.dota_layers(model)
+        assert len(layers) == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+        assert all(isinstance(layer, QDoTALinear) for _, layer in layers)
+        before = {name: t.clone() for name, t in model.state_dict().items()}
+        losses = losses_over_adamw_steps(model, steps=4)
+        assert losses[-1] < losses[0]
+        after = model.state_dict()
+        changed = {name for name, t in after.items() if not torch.equal(t, before[name])}
+        assert changed == {name for name, p in model.named_parameters() if p.requires_grad}
+        assert len(changed) == 4 * 2
+        assert all(".dota_cores.default." in name for name in changed)
+
+    def test_merge_and_unload_gives_back_a_gpt2_with_conv1d_layers(self):
+        model = wrap_gpt2(tiny_gpt2())
+        with torch.no_grad():
+            for _, layer in mpo.adapt.dota_layers(model):
+                layer.cores()[-1].add_(0.05)
+        expected_weight = model.transformer.h[0].attn.c_attn.effective_weight()
+        ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            adapted = model(input_ids=ids).logits
+        merged = mpo.adapt.merge_and_unload(model)
+        c_attn = merged.transformer.h[0].attn.c_attn
+        assert type(c_attn).__name__ == "Conv1D"
+        assert torch.equal(c_attn.weight, expected_weight.T)  # (in, out) = (32, 96)
+        assert not mpo.adapt.dota_layers(merged)
+        with torch.no_grad():
+            assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-4)
+
+    def test_adapter_loads_bit_identically_onto_the_same_gpt2(self, tmp_path):
+        model = wrap_gpt2(tiny_gpt2())
+        with torch.no_grad():
+            for _, layer in mpo.adapt.dota_layers(model):
+                layer.cores()[-1].add_(0.05)
+        mpo.adapt.save_adapter(model, tmp_path / "adapter")
+        config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+        entry = config["modules"]["transformer.h.0.attn.c_attn"]
+        assert (entry["kind"], entry["weight_shape"]) == ("Conv1D", [96, 32])
+        restored = mpo.adapt.load_adapter(tiny_gpt2(), tmp_path / "adapter")
+        assert all(isinstance(layer, QDoTALinear) for _, layer in mpo.adapt.dota_layers(restored))
+        ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(restored(input_ids=ids).logits, model(input_ids=ids).logits)

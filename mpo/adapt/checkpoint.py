@@ -80,7 +80,13 @@ from mpo.adapt.config import DoTAConfig
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
 from mpo.adapt.targets import linear_modules, weight_shape
-from mpo.adapt.wrap import check_precision, dota_layers, freeze_base, replace_module
+from mpo.adapt.wrap import (
+    check_precision,
+    dota_layers,
+    freeze_base,
+    mark_adapted,
+    replace_module,
+)
 from mpo.atomic import staged_folder, write_json
 from mpo.errors import MPOError
 from mpo.operator import MPO
@@ -503,12 +509,13 @@ def load_adapter(
     ``nn.Linear``/``Conv1D`` of the recorded kind and ``(out, in)`` shape; the
     tensors file holds every core with the recorded shape and dtype, all
     finite; for a QDoTA checkpoint (config ``quantize="nf4"``) also that
-    bitsandbytes is installed and every module is an ``nn.Linear`` on cpu or
-    cuda. The layers are then built from the stored cores as they are (no
-    decomposition), on the device of each base weight, and, as
-    :func:`~mpo.adapt.wrap` does, every other parameter is frozen and
-    ``model.dota_config`` is set. Base weights are never written. QDoTA layers
-    get the residual ``W0 - MPO(T0)`` recomputed and quantized as
+    bitsandbytes is installed and every module is an ``nn.Linear``, ``Conv1D`` or
+    ``Linear4bit`` on cpu or cuda. The layers are then built from the stored
+    cores as they are (no decomposition), on the device of each base weight,
+    and, as :func:`~mpo.adapt.wrap` does, every other parameter is frozen,
+    ``model.dota_config`` is set and a model loaded in 4 bits is marked so that
+    transformers' ``Trainer`` trains it. Base weights are never written. QDoTA
+    layers get the residual ``W0 - MPO(T0)`` recomputed and quantized as
     :class:`~mpo.adapt.quant.QDoTALinear` does, and drop ``W0``, as ``wrap`` does.
 
     Parameters:
@@ -578,7 +585,7 @@ def load_adapter(
                 )
             replace_module(model, module_name, layer)
             replaced.append((module_name, base))
-        model.dota_config = {name: header.config}
+        mark_adapted(model, name, header.config)
     except BaseException:
         for module_name, base in reversed(replaced):
             replace_module(model, module_name, base)

@@ -1,6 +1,7 @@
 """QDoTA: the DoTA layer with its residual stored in 4 bits (NF4, bitsandbytes).
 
-For a pretrained weight ``W0`` (``out x in``) the layer decomposes ``W0`` in
+For a pretrained weight ``W0`` (``out x in``; transformers' ``Conv1D`` stores it
+transposed, and is read as its transpose) the layer decomposes ``W0`` in
 float32 first (TT-SVD at rank ``R``, cores ``T0``), then stores the residual
 
     W_res = W0 - MPO(T0)
@@ -13,6 +14,9 @@ with the block scales quantized again: ``double_quant``), and computes
 in the input's dtype, with ``T`` the trainable cores (paper, section 3.3). The update
 ``x MPO(T)^T`` is computed as a DoTA layer computes its own (:mod:`mpo.adapt.delta`):
 through the two halves of the MPO for few rows, by a blocked rebuild for many.
+The residual is quantized in the ``(out, in)`` orientation whatever the base
+layer (as bitsandbytes' ``Linear4bit`` stores a weight, so its 64-entry blocks
+run along a row of ``W0``); the MPO describes that same matrix.
 Decomposing before quantizing matters: ``MPO(T0)`` carries the large singular
 directions of ``W0`` exactly, so only the smaller residual is rounded, and
 ``Dequant(Q(W_res)) + MPO(T0)`` is closer to ``W0`` than QLoRA's
@@ -47,6 +51,7 @@ from torch import nn
 import mpo
 from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, halves
 from mpo.adapt.layer import _Cores, _dota_cores, _random_cores
+from mpo.adapt.targets import _is_linear, weight_shape
 from mpo.errors import MPOError
 
 __all__ = [
@@ -85,9 +90,15 @@ def is_4bit(module: nn.Module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
-def float_weight(module: nn.Module) -> torch.Tensor:
-    """The ``(out, in)`` weight of an ``nn.Linear`` or ``Linear4bit`` in float32, detached.
+def _is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (weight stored ``(in, out)``)."""
+    return _is_linear(module) and not isinstance(module, nn.Linear)
 
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight of a layer QDoTA adapts, in float32, detached.
+
+    A ``Conv1D``'s weight, stored ``(in, out)``, is transposed.
     For a ``Linear4bit`` this is ``Dequant(Q(W0))``, or the weight as it is if
     bitsandbytes has not quantized it yet (it does so on the move to a device).
     A weight bitsandbytes repacked for its cpu kernel is first put back in its
@@ -107,7 +118,8 @@ def float_weight(module: nn.Module) -> torch.Tensor:
                 weight.data, weight.quant_state
             )
         return functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
-    return weight.detach().to(torch.float32)
+    matrix = weight.detach().T if _is_conv1d(module) else weight.detach()
+    return matrix.to(torch.float32)
 
 
 def _original_dtype(module: nn.Module) -> torch.dtype:
@@ -119,12 +131,13 @@ def _original_dtype(module: nn.Module) -> torch.dtype:
 def check_quantizable(module: nn.Module, name: str = "the layer") -> None:
     """Raise :class:`MPOError` unless QDoTA can adapt ``module``.
 
-    That is an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` on cpu or cuda.
+    That is an ``nn.Linear``, transformers' ``Conv1D`` or a bitsandbytes
+    ``Linear4bit``, on cpu or cuda.
     """
-    if type(module) is not nn.Linear and not is_4bit(module):
+    if type(module) is not nn.Linear and not _is_conv1d(module) and not is_4bit(module):
         raise MPOError(
-            f"{name} is a {type(module).__name__}; QDoTA adapts torch.nn.Linear and "
-            "bitsandbytes' Linear4bit layers (Conv1D, as in GPT-2, is not supported yet)"
+            f"{name} is a {type(module).__name__}; QDoTA adapts torch.nn.Linear, transformers' "
+            "Conv1D and bitsandbytes' Linear4bit layers"
         )
     device = module.weight.device
     if device.type not in _DEVICES:
@@ -207,6 +220,12 @@ class _NF4(nn.Module):
         return bnb.matmul_4bit(x, self.weight.t(), self.state(), bias=bias)
 
 
+def _matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``MPO(cores)`` as the ``(out, in)`` matrix in float32 (also for a ``Conv1D`` layer)."""
+    layout = Layout(tuple(tuple(int(d) for d in c.shape) for c in cores), False)
+    return delta_weight([c.detach().to(torch.float32) for c in cores], None, layout)
+
+
 def nf4_round_trip(matrix: torch.Tensor, *, double_quant: bool = False) -> torch.Tensor:
     """``Dequant(Q(matrix))`` in float32: a matrix as a QDoTA layer stores its residual.
 
@@ -222,12 +241,13 @@ def nf4_round_trip(matrix: torch.Tensor, *, double_quant: bool = False) -> torch
 
 
 class QDoTALinear(nn.Module):
-    """An ``nn.Linear`` replaced by an NF4 residual plus trainable MPO cores (one adapter).
+    """A linear layer replaced by an NF4 residual plus trainable MPO cores (one adapter).
 
     Args:
-        base_layer: the ``nn.Linear`` (or bitsandbytes ``Linear4bit``, whose
-            weight is dequantized first) to adapt; its weight is decomposed and
-            quantized, then dropped (the layer keeps the bias, frozen).
+        base_layer: the ``nn.Linear``, ``Conv1D`` (read as the transpose of its
+            ``(in, out)`` weight) or bitsandbytes ``Linear4bit`` (dequantized
+            first) to adapt; its weight is decomposed and quantized, then
+            dropped (the layer keeps the bias, frozen).
         adapter_name: name of the adapter.
         rank: rank threshold ``R``.
         shape: ``(row_factors, col_factors)`` of the ``(out, in)`` weight.
@@ -265,7 +285,8 @@ class QDoTALinear(nn.Module):
             raise MPOError(f"init must be 'dota' or 'random', got {init!r}")
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if shape is None:
-            shape = (mpo.factorize(base_layer.out_features), mpo.factorize(base_layer.in_features))
+            out_features, in_features = weight_shape(base_layer)
+            shape = (mpo.factorize(out_features), mpo.factorize(in_features))
         shape = (tuple(shape[0]), tuple(shape[1]))
         matrix = float_weight(base_layer)
         if init == "dota":
@@ -315,7 +336,10 @@ class QDoTALinear(nn.Module):
         init: str,
         double_quant: bool,
     ) -> None:
-        self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        self.out_features, self.in_features = weight_shape(base_layer)
+        #: True for a ``Conv1D`` base: merging gives a ``Conv1D`` back and ``get_delta_weight``
+        #: is ``(in, out)``; the residual, the cores and the forward are ``(out, in)`` either way
+        self._transposed = _is_conv1d(base_layer)
         operator = mpo.MPO([c.detach() for c in cores])  # validates the chain
         if operator.shape != (self.out_features, self.in_features):
             raise MPOError(
@@ -331,8 +355,7 @@ class QDoTALinear(nn.Module):
         if initial is not None:
             # the residual subtracts the cores as stored (in their dtype), so that
             # Dequant(W_res) + MPO(T0) approximates W0 with only the NF4 rounding
-            layout = Layout(tuple(tuple(c.shape) for c in initial), False)
-            residual = residual - delta_weight([c.to(torch.float32) for c in initial], None, layout)
+            residual = residual - _matrix(initial)
         self.residual = _NF4(residual, double_quant)
         self.dota_cores = nn.ModuleDict(
             {adapter_name: nn.ParameterList([nn.Parameter(_copy(c)) for c in cores])}
@@ -366,39 +389,55 @@ class QDoTALinear(nn.Module):
         return self.dota_init[name].tensors() if name in self.dota_init else None
 
     def layout(self) -> Layout:
-        return Layout(tuple(tuple(int(d) for d in c.shape) for c in self.cores()), False)
+        """The cores' shapes and the base weight's orientation (transposed for a ``Conv1D``)."""
+        shapes = tuple(tuple(int(d) for d in c.shape) for c in self.cores())
+        return Layout(shapes, self._transposed)
 
     def enable_adapters(self, enabled: bool) -> None:
         """Off: the layer as at initialisation, ``x (Dequant(W_res) + MPO(T0))^T + b``."""
         self.disable_adapters = not enabled
 
     def get_delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
-        """``MPO(T) - MPO(T0)`` (``out x in``, cores' dtype, detached): the trained update."""
+        """The trained update ``MPO(T) - MPO(T0)`` in the cores' dtype, detached.
+
+        In the base weight's layout, as ``DoTALinear.get_delta_weight`` gives it:
+        ``out x in``, ``in x out`` for a ``Conv1D``.
+        """
         name = adapter_name or self.active_adapter
         return delta_weight(self.cores(name), self.initial_cores(name), self.layout())
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
         """``Dequant(W_res) + MPO(T)`` in float32 (``out x in``): the weight the layer applies."""
-        cores = [c.detach().to(torch.float32) for c in self.cores()]
-        return self.residual.dequantize() + delta_weight(cores, None, self.layout())
+        return self.residual.dequantize() + _matrix(self.cores())
 
-    def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Linear:
-        """A plain ``nn.Linear`` with weight :meth:`effective_weight` (default: the base dtype)."""
+    def merge_and_unload(self, dtype: torch.dtype | str | None = None) -> nn.Module:
+        """A plain layer with weight :meth:`effective_weight` (default: the base dtype).
+
+        An ``nn.Linear``, or for a ``Conv1D`` base a ``Conv1D`` holding the
+        transpose, ``(in, out)``, as transformers expects it.
+        """
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or self.base_dtype
         weight = self.effective_weight()
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=weight.device,
-            dtype=dtype,
-        )
+        if self._transposed:
+            # transformers is imported: the base layer was one of its Conv1D
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(self.out_features, self.in_features).to(weight.device, dtype)
+            weight = weight.T
+        else:
+            layer = nn.Linear(
+                self.in_features,
+                self.out_features,
+                bias=self.bias is not None,
+                device=weight.device,
+                dtype=dtype,
+            )
         with torch.no_grad():
-            linear.weight.copy_(weight)
+            layer.weight.copy_(weight)
             if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+                layer.bias.copy_(self.bias)
+        return layer
 
     # -- forward ---------------------------------------------------------------------
 
@@ -407,7 +446,9 @@ class QDoTALinear(nn.Module):
         cores = self.initial_cores() if self.disable_adapters else self.cores()
         if cores is None:
             return y
-        layout = self.layout()
+        # the residual and the MPO are (out, in) whatever the base layer: the update is
+        # computed as for an nn.Linear (a Conv1D's layout matters only to get_delta_weight)
+        layout = Layout(self.layout().shapes, False)
         rows = math.prod(x.shape[:-1])
         training = torch.is_grad_enabled() and cores[0].requires_grad
         if choose(rows, layout, training=training, with_init=False) == "factored":

@@ -12,6 +12,9 @@ A model loaded in 4 bits (transformers' ``BitsAndBytesConfig(load_in_4bit=True)`
 can be wrapped with ``quantize="nf4"`` only: each target ``Linear4bit`` is
 dequantized, decomposed and its residual quantized again, with one warning
 that ``W0`` already carries quantization error. 8-bit layers are refused.
+transformers' ``Trainer`` refuses to fine-tune a model loaded through a
+quantization config that carries no adapters; :func:`mark_adapted` tells it
+this one does (see there how), and ``unwrap`` and ``merge_and_unload`` undo that.
 """
 
 from __future__ import annotations
@@ -69,11 +72,37 @@ def freeze_base(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
     return flags
 
 
+def mark_adapted(model: nn.Module, adapter_name: str, config: DoTAConfig) -> None:
+    """Record the adapter on ``model``: ``model.dota_config``, and what transformers must see.
+
+    transformers' ``Trainer`` refuses to fine-tune a model loaded through a
+    quantization config (its ``is_quantized`` is True) unless it is a PEFT model
+    or carries adapters loaded by transformers' own PEFT integration, which sets
+    ``_hf_peft_config_loaded``: such a "purely quantized" model has nothing it
+    could train. There is no public way to declare other adapters. Setting
+    ``_hf_peft_config_loaded`` would also make ``save_pretrained`` save through
+    PEFT's adapter API, which does not know these layers and fails. So the model
+    stops claiming ``is_quantized`` while it holds adapters: outside ``Trainer``'s
+    check, transformers (5.24) reads it only in ``.half()`` and ``.float()``,
+    which refuse quantized models (the casts leave ``uint8`` 4-bit weights
+    alone). ``hf_quantizer``, ``quantization_method`` and
+    ``config.quantization_config``, which ``save_pretrained``, ``Trainer``'s
+    device placement and reloading read, are untouched. :func:`unwrap` and
+    :func:`merge_and_unload` set ``is_quantized`` back.
+    """
+    model.dota_config = {adapter_name: config}
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+        model._dota_quantized = True
+
+
 def _restore_base(model: nn.Module) -> None:
     trainable = set(getattr(model, "_dota_trainable", ()))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in trainable)
-    for attribute in ("_dota_trainable", "dota_config"):
+    if getattr(model, "_dota_quantized", False):
+        model.is_quantized = True
+    for attribute in ("_dota_trainable", "_dota_quantized", "dota_config"):
         if hasattr(model, attribute):
             delattr(model, attribute)
 
@@ -102,8 +131,7 @@ def _warn_4bit(names: list[str]) -> None:
         f"{len(names)} target layers ({names[0]}, ...) were loaded in 4 bits, so their W0 "
         "already carries quantization error: QDoTA decomposes Dequant(Q(W0)) and quantizes "
         "the residual on top of it. Wrapping the model loaded in bfloat16 or float32 with "
-        "quantize='nf4' starts closer to the pretrained weights (and transformers' Trainer "
-        "refuses models loaded in 4 bits that are not PEFT models)",
+        "quantize='nf4' starts closer to the pretrained weights",
         UserWarning,
         stacklevel=3,  # the caller of wrap
     )
@@ -119,6 +147,9 @@ def wrap(
     **overrides: Any,
 ) -> nn.Module:
     """Add DoTA adapters to ``model`` in place and return it with only the cores trainable.
+
+    A model loaded through a quantization config is marked so that
+    transformers' ``Trainer`` trains it (:func:`mark_adapted`).
 
     Parameters:
         model: any ``torch.nn.Module``, e.g. a transformers model.
@@ -182,7 +213,7 @@ def wrap(
             **extra,
         )
         replace_module(model, name, layer)
-    model.dota_config = {adapter_name: resolved}
+    mark_adapted(model, adapter_name, resolved)
     if not quiet:
         print_trainable_parameters(model)
     return model
@@ -222,8 +253,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Put the original layers back (unmerging first); the adapters are dropped.
 
     A model that was never merged gets its base layers back untouched, so it
-    computes exactly what it did before ``wrap``, and its parameters get back
-    the ``requires_grad`` they had then.
+    computes exactly what it did before ``wrap``, its parameters get back the
+    ``requires_grad`` they had then, and a model loaded in 4 bits is marked
+    quantized again for transformers (:func:`mark_adapted`).
 
     Raises:
         MPOError: the model has QDoTA layers, which hold a 4-bit residual instead
@@ -250,10 +282,12 @@ def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
     The result has the original module types (``nn.Linear`` / ``Conv1D``), so
     a transformers model can be saved with ``save_pretrained`` and loaded with
     ``from_pretrained`` without mpo. Parameters get back the ``requires_grad``
-    they had before ``wrap``. A QDoTA layer becomes an ``nn.Linear`` with weight
-    ``Dequant(W_res) + MPO(T)``, rounded once to ``dtype`` (``"bfloat16"``, a
-    torch dtype; default: the original weight's dtype). A DoTA layer keeps its
-    weight's dtype: ``W0 + Delta`` is rounded to it when merging.
+    they had before ``wrap``, and a model loaded in 4 bits is marked quantized
+    again for transformers. A QDoTA layer becomes an ``nn.Linear`` (a ``Conv1D``
+    if it adapted one) with weight ``Dequant(W_res) + MPO(T)``, rounded once to
+    ``dtype`` (``"bfloat16"``, a torch dtype; default: the original weight's
+    dtype). A DoTA layer keeps its weight's dtype: ``W0 + Delta`` is rounded to
+    it when merging.
     """
     for name, layer in dota_layers(model):
         quantized = isinstance(layer, QDoTALinear)
