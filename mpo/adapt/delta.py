@@ -348,13 +348,15 @@ def factored_delta(x: Any, a: Any, b: Any, layout: Layout) -> Any:
 
     For ``x`` viewed as ``(rows, J_L, J_R)``: first
     ``Z[n, j_L, k, i_R] = sum_{j_R} x[n, j_L, j_R] B[k, i_R, j_R]``, then
-    ``y[n, i_L, i_R] = sum_{j_L, k} A[i_L, j_L, k] Z[n, j_L, k, i_R]``. Computed in the
-    cores' dtype with autocast off (bfloat16 would round the update's few digits away),
-    returned in that dtype.
+    ``y[n, i_L, i_R] = sum_{j_L, k} A[i_L, j_L, k] Z[n, j_L, k, i_R]``. Computed with
+    autocast off, in bfloat16 for a bfloat16 ``x`` (no term of ``A @ B`` is larger
+    than ``Delta``, so its rounding is relative to the update, which is then rounded
+    to bfloat16 anyway), else in the cores' dtype; returned in that dtype.
     """
     i_l, j_l, i_r, j_r = layout.blocks
     k = a.shape[1]
-    rows = x.reshape(-1, j_l, j_r).to(a.dtype)
+    dtype = _compute_dtype(a, x.dtype)
+    rows, a, b = x.reshape(-1, j_l, j_r).to(dtype), a.to(dtype), b.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
         b_t = b.view(k, i_r, j_r).permute(2, 0, 1).reshape(j_r, k * i_r)
         z = (rows.reshape(-1, j_r) @ b_t).view(-1, j_l * k, i_r)
