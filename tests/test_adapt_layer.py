@@ -162,6 +162,12 @@ class TestSwitches:
         with pytest.raises(mpo.MPOError, match=r"no adapter named 'missing'.*\['default'\]"):
             layer.set_adapter("missing")
 
+    def test_unknown_strategy_is_an_error(self):
+        layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+        with pytest.raises(mpo.MPOError, match=r"strategy must be one of .*'fast'"):
+            layer.strategy = "fast"
+        assert layer.strategy == "auto"
+
     def test_duplicate_adapter_name_is_an_error(self):
         layer = DoTALinear(linear(), rank=4, shape=SHAPE)
         with pytest.raises(mpo.MPOError, match="already has an adapter named 'default'"):
@@ -223,6 +229,7 @@ class TestBlocks:
     @pytest.fixture(autouse=True)
     def tiny_blocks(self, monkeypatch):
         monkeypatch.setattr(mpo.adapt.delta, "_CPU_BLOCK_BYTES", 1)
+        monkeypatch.setattr(mpo.adapt.delta, "_MIN_LINES", 1)
 
     @pytest.mark.parametrize("kind", ["linear", "no-bias", "conv1d"])
     @pytest.mark.parametrize("init", ["dota", "random"])
@@ -234,7 +241,9 @@ class TestBlocks:
             base = torch.nn.Linear(64, 48, bias=kind == "linear")
         layer = DoTALinear(base, rank=4, shape=SHAPE, init=init)
         layout = layer.layout()
-        assert len(mpo.adapt.delta._blocks(layout.blocks[0], 4, torch.device("cpu"))) > 1
+        i_l, _, i_r, _ = layout.blocks
+        cpu = torch.device("cpu")
+        assert len(mpo.adapt.delta._blocks(i_l, 4, cpu, unit_lines=i_r)) > 1
         x = torch.randn(2, 5, 64)
         layer.strategy = "dense"
         assert torch.equal(layer(x), base(x))

@@ -134,12 +134,23 @@ def is_zero(cores: list[Any], init: list[Any] | None) -> bool:
 # kernel launches do not count, small enough that transients stay far below a layer.
 _CPU_BLOCK_BYTES = 1 << 22
 _GPU_BLOCK_BYTES = 1 << 26
+_MIN_LINES = 256
 
 
-def _blocks(size: int, unit_bytes: int, device: Any) -> list[tuple[int, int]]:
-    """``[start, stop)`` ranges covering ``size`` units of ``unit_bytes`` each, one block each."""
+def _blocks(
+    size: int, unit_bytes: int, device: Any, *, unit_lines: int | None = None
+) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges over ``size`` units of ``unit_bytes`` each, one block each.
+
+    With ``unit_lines`` (the weight's rows or columns in a unit), a block is also at
+    least ``_MIN_LINES`` lines wide: its product with the batch-sized operand, which
+    is read and packed once per block, must stay wide to be cheap (64-column blocks
+    made an 11008 x 4096 backward 1.3x slower at 4096 tokens).
+    """
     budget = _CPU_BLOCK_BYTES if device.type == "cpu" else _GPU_BLOCK_BYTES
     step = max(1, budget // max(1, unit_bytes))
+    if unit_lines is not None:
+        step = max(step, -(-_MIN_LINES // unit_lines))
     return [(start, min(start + step, size)) for start in range(0, size, step)]
 
 
@@ -236,7 +247,7 @@ def _blocked_forward(x: Any, weight: Any, bias: Any, a: Any, b: Any, layout: Lay
     dtype = _compute_dtype(a, x.dtype)
     a, b = a.to(dtype), b.to(dtype)
     unit = i_r * layout.in_features * matrix.element_size()
-    for start, stop in _blocks(i_l, unit, x.device):
+    for start, stop in _blocks(i_l, unit, x.device, unit_lines=i_r):
         block = _row_block(matrix, a, b, start, stop, layout).to(x.dtype)
         columns = slice(start * i_r, stop * i_r)
         if bias is None:
@@ -264,7 +275,7 @@ class _DenseDelta(torch.autograd.Function):
             rows = x
         with torch.no_grad(), torch.autocast(device, enabled=False):
             bias = None if bias is None else bias.to(rows.dtype)
-            if len(_blocks(i_l, unit, x.device)) == 1:
+            if len(_blocks(i_l, unit, x.device, unit_lines=i_r)) == 1:
                 # W0 + Delta is W0 exactly when Delta is zero: the base layer's result
                 merged = _merged(weight, *pair(cores, init, layout), layout)
                 y = _linear(rows, merged.to(rows.dtype), bias, layout.transposed)
@@ -324,7 +335,7 @@ def _dense_backward(dy, x, weight, a, b, left, right, layout: Layout, *, with_x:
     grad_right = torch.zeros_like(right)
     grad_lefts = grad_left.view(i_l, j_l, rank)
     unit = j_r * layout.out_features * matrix.element_size()
-    for start, stop in _blocks(j_l, unit, dy.device):
+    for start, stop in _blocks(j_l, unit, dy.device, unit_lines=j_r):
         columns = slice(start * j_r, stop * j_r)
         if grad_x is not None:
             block = _column_block(matrix, a, b, start, stop, layout).to(dy.dtype)
@@ -360,7 +371,14 @@ def factored_delta(x: Any, a: Any, b: Any, layout: Layout) -> Any:
     with torch.autocast(x.device.type, enabled=False):
         b_t = b.view(k, i_r, j_r).permute(2, 0, 1).reshape(j_r, k * i_r)
         z = (rows.reshape(-1, j_r) @ b_t).view(-1, j_l * k, i_r)
-        out = a.view(i_l, j_l * k) @ z
+        if dtype == torch.bfloat16 and z.shape[0] > 1:
+            # bfloat16 matrix units do one product z^T A^T far better than a batch of
+            # A z (A broadcast): at 16 rows of 11008 x 4096, 0.4x a frozen layer's
+            # forward against 7x; the transposes must be copies, as views they cost more
+            z_t = z.transpose(1, 2).contiguous()
+            out = (z_t @ a.view(i_l, j_l * k).T.contiguous()).transpose(1, 2)
+        else:
+            out = a.view(i_l, j_l * k) @ z
     return out.reshape(*x.shape[:-1], layout.out_features)
 
 

@@ -75,6 +75,42 @@ def _random_cores(shape: tuple, rank: int, dtype: torch.dtype, device: Any) -> l
     return cores
 
 
+def new_cores(
+    matrix: torch.Tensor,
+    shape: tuple[Sequence[int], Sequence[int]] | None,
+    rank: int,
+    init: str,
+    dtype: torch.dtype | str,
+) -> tuple[list, list | None]:
+    """``(T, T0)`` of a new adapter on the ``(out, in)`` weight ``matrix``.
+
+    ``init="dota"``: both are the TT-SVD of ``matrix`` (decomposed in float32,
+    cast to ``dtype``); ``init="random"``: Gaussian cores with a zero last one
+    and no ``T0``. ``shape`` defaults to :func:`mpo.factorize` of both sizes.
+    """
+    if init not in ("dota", "random"):
+        raise MPOError(f"init must be 'dota' or 'random', got {init!r}")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if shape is None:
+        shape = (mpo.factorize(matrix.shape[0]), mpo.factorize(matrix.shape[1]))
+    shape = (tuple(shape[0]), tuple(shape[1]))
+    if init == "dota":
+        cores = _dota_cores(matrix, shape, rank, dtype)
+        return cores, cores
+    return _random_cores(shape, rank, dtype, matrix.device), None
+
+
+def checked_operator(cores: Sequence[torch.Tensor], out_features: int, in_features: int):
+    """``mpo.MPO(cores)``, checked to describe an ``out_features x in_features`` weight."""
+    operator = mpo.MPO([c.detach() for c in cores])  # validates the chain
+    if operator.shape != (out_features, in_features):
+        raise MPOError(
+            f"cores describe a {operator.shape[0]} x {operator.shape[1]} matrix but the "
+            f"layer's weight is {out_features} x {in_features} (out x in)"
+        )
+    return operator
+
+
 class DoTALinear(nn.Module):
     """A frozen ``nn.Linear`` (or ``Conv1D``) with DoTA adapters.
 
@@ -125,7 +161,6 @@ class DoTALinear(nn.Module):
         self.active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        #: "auto" (cost rule of mpo.adapt.delta.choose), "dense" or "factored"
         self.strategy = "auto"
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
@@ -148,6 +183,18 @@ class DoTALinear(nn.Module):
         layer.add_cores(adapter_name, cores, initial_cores, rank=rank, init=init)
         return layer
 
+    @property
+    def strategy(self) -> str:
+        """How the update is computed: ``"auto"`` (the cost rule of
+        :func:`mpo.adapt.delta.choose`, per call), ``"dense"`` or ``"factored"``."""
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, value: str) -> None:
+        if value not in _STRATEGIES:
+            raise MPOError(f"strategy must be one of {_STRATEGIES}, got {value!r}")
+        self._strategy = value
+
     # -- adapters ------------------------------------------------------------------
 
     def update_layer(
@@ -162,20 +209,10 @@ class DoTALinear(nn.Module):
         """Add the adapter ``adapter_name``: cores from the TT-SVD of the frozen weight."""
         if adapter_name in self.dota_cores:
             raise MPOError(f"this layer already has an adapter named {adapter_name!r}")
-        if init not in ("dota", "random"):
-            raise MPOError(f"init must be 'dota' or 'random', got {init!r}")
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if shape is None:
-            shape = (mpo.factorize(self.out_features), mpo.factorize(self.in_features))
-        shape = (tuple(shape[0]), tuple(shape[1]))
-        weight = self.base_layer.weight
-        if init == "dota":
-            matrix = weight.detach().T if self._transposed else weight.detach()
-            cores = _dota_cores(matrix, shape, rank, dtype)
-            self.add_cores(adapter_name, cores, cores, rank=rank, init=init)
-        else:
-            cores = _random_cores(shape, rank, dtype, weight.device)
-            self.add_cores(adapter_name, cores, None, rank=rank, init=init)
+        weight = self.base_layer.weight.detach()
+        matrix = weight.T if self._transposed else weight
+        cores, initial = new_cores(matrix, shape, rank, init, dtype)
+        self.add_cores(adapter_name, cores, initial, rank=rank, init=init)
 
     def add_cores(
         self,
@@ -197,12 +234,7 @@ class DoTALinear(nn.Module):
             tuple(int(c.shape[1]) for c in cores),
             tuple(int(c.shape[2]) for c in cores),
         )
-        operator = mpo.MPO([c.detach() for c in cores])  # validates the chain
-        if operator.shape != (self.out_features, self.in_features):
-            raise MPOError(
-                f"cores describe a {operator.shape[0]} x {operator.shape[1]} matrix but the "
-                f"layer's weight is {self.out_features} x {self.in_features} (out x in)"
-            )
+        operator = checked_operator(cores, self.out_features, self.in_features)
         self.dota_cores[adapter_name] = nn.ParameterList(
             [
                 nn.Parameter(core.detach().clone(memory_format=torch.contiguous_format))

@@ -48,9 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import mpo
 from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, halves
-from mpo.adapt.layer import _Cores, _dota_cores, _random_cores
+from mpo.adapt.layer import _Cores, checked_operator, new_cores
 from mpo.adapt.targets import _is_linear, weight_shape
 from mpo.errors import MPOError
 
@@ -281,20 +280,8 @@ class QDoTALinear(nn.Module):
         super().__init__()
         require_bitsandbytes()
         check_quantizable(base_layer)
-        if init not in ("dota", "random"):
-            raise MPOError(f"init must be 'dota' or 'random', got {init!r}")
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if shape is None:
-            out_features, in_features = weight_shape(base_layer)
-            shape = (mpo.factorize(out_features), mpo.factorize(in_features))
-        shape = (tuple(shape[0]), tuple(shape[1]))
         matrix = float_weight(base_layer)
-        if init == "dota":
-            initial = _dota_cores(matrix, shape, rank, dtype)
-            cores = initial
-        else:
-            initial = None
-            cores = _random_cores(shape, rank, dtype, matrix.device)
+        cores, initial = new_cores(matrix, shape, rank, init, dtype)
         self._build(base_layer, matrix, adapter_name, cores, initial, rank, init, double_quant)
 
     @classmethod
@@ -340,12 +327,7 @@ class QDoTALinear(nn.Module):
         #: True for a ``Conv1D`` base: merging gives a ``Conv1D`` back and ``get_delta_weight``
         #: is ``(in, out)``; the residual, the cores and the forward are ``(out, in)`` either way
         self._transposed = _is_conv1d(base_layer)
-        operator = mpo.MPO([c.detach() for c in cores])  # validates the chain
-        if operator.shape != (self.out_features, self.in_features):
-            raise MPOError(
-                f"cores describe a {operator.shape[0]} x {operator.shape[1]} matrix but the "
-                f"layer's weight is {self.out_features} x {self.in_features} (out x in)"
-            )
+        operator = checked_operator(cores, self.out_features, self.in_features)
         #: dtype of the original weight (before any 4-bit loading): what merging returns by default
         self.base_dtype = _original_dtype(base_layer)
         self.bias = base_layer.bias

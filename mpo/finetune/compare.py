@@ -20,7 +20,6 @@ comparisons; :meth:`Comparison.write` leaves in ``out``:
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import statistics
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ from mpo.finetune.evaluate import evaluate
 from mpo.finetune.merge import load_merged
 from mpo.finetune.methods import load_tokenizer
 from mpo.finetune.pipeline import FinetuneSpec, finetune
+from mpo.finetune.train import loss_figure, loss_png
 
 __all__ = ["Arm", "Comparison", "compare"]
 
@@ -108,12 +108,7 @@ class Comparison:
 
     def plot(self, title: str) -> bytes:
         """The validation-loss curves as PNG bytes (mean over seeds, one-std band)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        fig, ax = loss_figure()
         for label, runs in self.curves.items():
             points = [
                 {r["step"]: r["val_loss"] for r in run if r.get("val_loss") is not None}
@@ -127,16 +122,7 @@ class Comparison:
                 low = [m - s for m, s in stats]
                 high = [m + s for m, s in stats]
                 ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("validation loss (per response token)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        return buffer.getvalue()
+        return loss_png(fig, ax, title)
 
     def write(self, out: str | os.PathLike, title: str) -> list[Path]:
         """Write results.json, results.csv, summary.csv and val_loss.png to ``out``."""

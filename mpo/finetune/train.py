@@ -310,20 +310,22 @@ def _load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 # -- plotting ------------------------------------------------------------------------
 
 
-def plot_losses(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str) -> None:
-    """Validation-loss curves (one per name in ``curves``, from metric rows) as a PNG."""
-    import io
-
+def loss_figure() -> tuple[Any, Any]:
+    """A headless matplotlib figure and axes for validation-loss curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, rows in curves.items():
-        points = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-        steps, losses = [p[0] for p in points], [p[1] for p in points]
-        ax.plot(steps, losses, marker="o", markersize=3, label=name)
+    return plt.subplots(figsize=(6.4, 4.0))
+
+
+def loss_png(fig: Any, ax: Any, title: str) -> bytes:
+    """The curves drawn on ``ax``, labelled as validation losses, as PNG bytes (figure closed)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (per response token)")
     ax.set_title(title)
@@ -333,7 +335,17 @@ def plot_losses(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, t
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def plot_losses(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str) -> None:
+    """Validation-loss curves (one per name in ``curves``, from metric rows) as a PNG."""
+    fig, ax = loss_figure()
+    for name, rows in curves.items():
+        points = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+        steps, losses = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(steps, losses, marker="o", markersize=3, label=name)
+    write_bytes(path, loss_png(fig, ax, title))
 
 
 # -- the loop ------------------------------------------------------------------------
