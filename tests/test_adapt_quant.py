@@ -546,21 +546,24 @@ class TestConv1D:
         y = layer(x)
         assert torch.allclose(y, reference, rtol=1e-4, atol=1e-5 * reference.abs().max())
 
-    def test_delta_weight_is_in_the_conv1d_layout(self):
+    @staticmethod
+    def trained_layer():
+        """A QDoTA layer on a 128 x 256 Conv1D whose last core has moved."""
         base = conv1d(trained_like(128, 256))
         layer = QDoTALinear(base, rank=8, shape=WIDE_SHAPE, dtype=torch.float32)
         with torch.no_grad():
             layer.cores()[-1].add_(0.05)
+        return layer
+
+    def test_delta_weight_is_in_the_conv1d_layout(self):
+        layer = self.trained_layer()
         delta = layer.get_delta_weight()
         expected = mpo_dense(layer.cores()) - mpo_dense(layer.initial_cores())
         assert delta.shape == (256, 128)
         assert torch.allclose(delta, expected.T, atol=1e-6)
 
     def test_merge_and_unload_gives_a_conv1d_holding_the_transposed_weight(self):
-        base = conv1d(trained_like(128, 256))
-        layer = QDoTALinear(base, rank=8, shape=WIDE_SHAPE, dtype=torch.float32)
-        with torch.no_grad():
-            layer.cores()[-1].add_(0.05)
+        layer = self.trained_layer()
         merged = layer.merge_and_unload()
         assert type(merged).__name__ == "Conv1D"
         assert merged.weight.shape == (256, 128)
