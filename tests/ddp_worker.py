@@ -1,10 +1,12 @@
 """One process of the DDP test in ``test_adapt_training.py``: SGD on a wrapped tiny LLaMA.
 
-Run as ``python ddp_worker.py RANK WORLD_SIZE PORT OUT``. Every process builds
-the same model and the same global batch from fixed seeds; with
+Run as ``python ddp_worker.py RANK WORLD_SIZE PORT OUT [nf4]``. Every process
+builds the same model and the same global batch from fixed seeds; with
 ``WORLD_SIZE == 2`` it joins a gloo process group on 127.0.0.1:PORT, trains
 ``torch.nn.parallel.DistributedDataParallel`` on its half of the batch, and
-with ``WORLD_SIZE == 1`` it trains the plain model on the whole batch. The
+with ``WORLD_SIZE == 1`` it trains the plain model on the whole batch. With
+``nf4`` the model is wrapped by QDoTA and DDP gets ``broadcast_buffers=False``,
+as docs/how-to/distributed.md advises (the residuals are buffers). The
 trained cores go to ``OUT`` as safetensors; the test calls :func:`train`
 itself for the single-process reference.
 """
@@ -27,11 +29,12 @@ SEQUENCE = 8
 VOCAB = TINY_LLAMA["vocab_size"]
 
 
-def train(rank: int, world_size: int, port: int) -> dict[str, torch.Tensor]:
+def train(rank: int, world_size: int, port: int, quantize: str | None = None) -> dict:
     """The cores after ``STEPS`` SGD steps, by name (contiguous, for safetensors)."""
     torch.manual_seed(0)
     config = LlamaConfig(**TINY_LLAMA)
-    model = mpo.adapt.wrap(LlamaForCausalLM(config), rank=4, num_cores=3, quiet=True)
+    extra = {"quantize": quantize, "dtype": "float32"} if quantize else {}
+    model = mpo.adapt.wrap(LlamaForCausalLM(config), rank=4, num_cores=3, quiet=True, **extra)
     batch = torch.randint(
         0, VOCAB, (GLOBAL_BATCH, SEQUENCE), generator=torch.Generator().manual_seed(1)
     )
@@ -45,7 +48,9 @@ def train(rank: int, world_size: int, port: int) -> dict[str, torch.Tensor]:
             world_size=world_size,
             timeout=timedelta(seconds=30),  # a rank that died must not hang the other
         )
-        trained = torch.nn.parallel.DistributedDataParallel(model)
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, broadcast_buffers=quantize is None
+        )
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(STEPS):
         # The loss is a mean over the shard's tokens and DDP averages over ranks,
@@ -68,4 +73,5 @@ def train(rank: int, world_size: int, port: int) -> dict[str, torch.Tensor]:
 if __name__ == "__main__":
     rank, world_size, port = (int(arg) for arg in sys.argv[1:4])
     torch.set_num_threads(1)  # two ranks share the test machine's cores
-    save_file(train(rank, world_size, port), sys.argv[4])
+    quantize = sys.argv[5] if len(sys.argv) > 5 else None
+    save_file(train(rank, world_size, port, quantize), sys.argv[4])

@@ -419,12 +419,16 @@ def load_worker():
     return module
 
 
-def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(quantize, tmp_path):
+    if quantize:
+        pytest.importorskip("bitsandbytes")
     port, environment = free_loopback_port(), worker_environment()
     outputs = [tmp_path / f"rank{rank}.safetensors" for rank in range(2)]
     processes = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), "2", str(port), str(output)],
+            [sys.executable, str(WORKER), str(rank), "2", str(port), str(output)]
+            + ([quantize] if quantize else []),
             env=environment,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -433,8 +437,8 @@ def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(tmp_pat
         for rank, output in enumerate(outputs)
     ]
     try:
-        single = load_worker().train(rank=0, world_size=1, port=0)
-        logs = [process.communicate(timeout=90)[0] for process in processes]
+        single = load_worker().train(rank=0, world_size=1, port=0, quantize=quantize)
+        logs = [process.communicate(timeout=120)[0] for process in processes]
     finally:
         for process in processes:
             process.kill()
@@ -443,6 +447,7 @@ def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(tmp_pat
     assert_same_tensors(rank1, rank0, rtol=0, atol=0)
     assert_same_tensors(rank0, single, rtol=1e-5, atol=1e-6)
     initial = snapshot_cores(adapted_model())
+    assert single.keys() == initial.keys()
     assert all(not torch.allclose(single[name], initial[name]) for name in initial)
 
 
