@@ -398,6 +398,29 @@ class TestFourBitInput:
         losses = losses_over_adamw_steps(model)
         assert losses[-1] < losses[0] - 0.05
 
+    def test_evaluation_before_and_after_wrap_leaves_every_core_a_gradient(self, tiny_llama_folder):
+        """bitsandbytes repacks a frozen Linear4bit for its cpu inference kernel (no
+        backward) on a forward in eval mode without grad; the wrapped model must unpack
+        it and keep it off that kernel while it trains, and give the kernel back after."""
+        model = load_in_4bit(tiny_llama_folder).eval()
+        ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+        frozen = [m for name, m in model.named_modules() if name.endswith(("o_proj", "gate_proj"))]
+        fast = [m.support_avx512bf16_for_cpu for m in frozen]
+        with torch.no_grad():
+            model(input_ids=ids)
+        packed = [getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in frozen]
+        assert packed == fast  # repacked wherever this cpu has the kernel
+        model, _ = wrap_4bit(model)
+        with torch.no_grad():
+            model(input_ids=ids)  # an evaluation between training steps
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        cores = [p for p in model.parameters() if p.requires_grad]
+        assert len(cores) == 20
+        assert all(p.grad is not None and p.grad.any() for p in cores)
+        mpo.adapt.merge_and_unload(model)
+        assert [m.support_avx512bf16_for_cpu for m in frozen] == fast
+
     def test_adapter_loads_bit_identically_onto_the_same_4_bit_base(
         self, tiny_llama_folder, tmp_path
     ):

@@ -109,16 +109,51 @@ def float_weight(module: nn.Module) -> torch.Tensor:
     weight = module.weight
     if is_4bit(module) and weight.quant_state is not None:
         _, functional = require_bitsandbytes()
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            # The first forward in eval mode without grad on an AVX512-BF16 cpu repacks the
-            # weight for bitsandbytes' cpu kernel; dequantize_4bit reads the usual layout,
-            # which bitsandbytes itself restores so (before saving, or moving to a gpu).
-            weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(
-                weight.data, weight.quant_state
-            )
+        unpack_cpu_layout(module)  # dequantize_4bit reads the usual layout
         return functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
     matrix = weight.detach().T if _is_conv1d(module) else weight.detach()
     return matrix.to(torch.float32)
+
+
+def unpack_cpu_layout(module: nn.Module) -> None:
+    """Put a ``Linear4bit`` weight that bitsandbytes repacked for its cpu kernel back in its
+    usual layout, in place, as bitsandbytes itself does before saving or moving to a gpu.
+
+    bitsandbytes (0.50) repacks on the first forward in eval mode without grad on an
+    AVX512-BF16 cpu; the repacked kernel has no backward.
+    """
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        _, functional = require_bitsandbytes()
+        weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(
+            weight.data, state
+        )
+
+
+def keep_differentiable(model: nn.Module) -> list[nn.Module]:
+    """Keep the ``Linear4bit`` layers of ``model`` on the kernel with a backward; the ones
+    switched off bitsandbytes' cpu inference kernel are returned (see :func:`release`).
+
+    An adapted model trains through its frozen 4-bit layers too. If one of them were
+    repacked for the cpu inference kernel (by an evaluation between training steps,
+    say), every core before it would silently get no gradient: bitsandbytes never
+    unpacks on ``train()``.
+    """
+    switched = []
+    for module in model.modules():
+        if is_4bit(module):
+            unpack_cpu_layout(module)
+            if getattr(module, "support_avx512bf16_for_cpu", False):
+                module.support_avx512bf16_for_cpu = False
+                switched.append(module)
+    return switched
+
+
+def release(modules: list[nn.Module]) -> None:
+    """Give the layers :func:`keep_differentiable` switched off their cpu kernel back."""
+    for module in modules:
+        module.support_avx512bf16_for_cpu = True
 
 
 def _original_dtype(module: nn.Module) -> torch.dtype:

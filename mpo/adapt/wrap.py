@@ -27,7 +27,14 @@ from torch import nn
 from mpo import report
 from mpo.adapt.config import DoTAConfig, resolve_config
 from mpo.adapt.layer import DoTALinear
-from mpo.adapt.quant import QDoTALinear, check_quantizable, is_4bit, require_bitsandbytes
+from mpo.adapt.quant import (
+    QDoTALinear,
+    check_quantizable,
+    is_4bit,
+    keep_differentiable,
+    release,
+    require_bitsandbytes,
+)
 from mpo.adapt.targets import find_targets, weight_shape
 from mpo.errors import MPOError
 
@@ -89,11 +96,18 @@ def mark_adapted(model: nn.Module, adapter_name: str, config: DoTAConfig) -> Non
     ``config.quantization_config``, which ``save_pretrained``, ``Trainer``'s
     device placement and reloading read, are untouched. :func:`unwrap` and
     :func:`merge_and_unload` set ``is_quantized`` back.
+
+    The model's frozen ``Linear4bit`` layers are also kept off bitsandbytes' cpu
+    inference kernel, which has no backward (:func:`mpo.adapt.quant.keep_differentiable`),
+    until :func:`unwrap` or :func:`merge_and_unload`.
     """
     model.dota_config = {adapter_name: config}
     if getattr(model, "is_quantized", False):
         model.is_quantized = False
         model._dota_quantized = True
+    switched = keep_differentiable(model)
+    if switched:
+        model._dota_cpu_kernel_off = switched
 
 
 def _restore_base(model: nn.Module) -> None:
@@ -102,7 +116,8 @@ def _restore_base(model: nn.Module) -> None:
         parameter.requires_grad_(name in trainable)
     if getattr(model, "_dota_quantized", False):
         model.is_quantized = True
-    for attribute in ("_dota_trainable", "_dota_quantized", "dota_config"):
+    release(getattr(model, "_dota_cpu_kernel_off", []))
+    for attribute in ("_dota_trainable", "_dota_quantized", "_dota_cpu_kernel_off", "dota_config"):
         if hasattr(model, attribute):
             delattr(model, attribute)
 
