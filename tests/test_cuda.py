@@ -195,6 +195,16 @@ class TestLayer:
         here = mpo.MPO([c.detach() for c in layer.cores()]).to_dense().cpu()
         assert (here - on_cpu).abs().max() <= 1e-4 * on_cpu.abs().max()
 
+    def test_random_cores_are_the_same_on_every_device(self):
+        base = nn.Linear(64, 48)
+        torch.manual_seed(3)
+        on_cpu = DoTALinear(base, rank=4, shape=SHAPE, init="random").cores()
+        torch.manual_seed(3)
+        here = DoTALinear(base.to(DEVICE), rank=4, shape=SHAPE, init="random").cores()
+        assert here[0].device.type == DEVICE.type
+        for core, reference in zip(here, on_cpu, strict=True):
+            assert torch.equal(core.detach().cpu(), reference.detach())
+
     @pytest.mark.parametrize("init", INITS)
     @pytest.mark.parametrize("strategy", ["dense", "factored"])
     @pytest.mark.parametrize(("dtype", "cores"), DTYPES)

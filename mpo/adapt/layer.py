@@ -61,6 +61,8 @@ def _random_cores(shape: tuple, rank: int, dtype: torch.dtype, device: Any) -> l
 
     Core ``k`` is drawn with variance ``1 / (R_{k-1} I_k J_k)``, so each of its
     unfolding's columns has unit expected norm, like the orthonormal DoTA cores.
+    They are drawn by torch's cpu generator and then moved, so that a seed gives the
+    same cores on every device.
     """
     rows, cols = shape
     ranks = (1, *mpo.bond_ranks(rows, cols, rank), 1)
@@ -71,7 +73,8 @@ def _random_cores(shape: tuple, rank: int, dtype: torch.dtype, device: Any) -> l
             cores.append(torch.zeros(size, dtype=dtype, device=device))
         else:
             std = 1.0 / math.sqrt(ranks[k] * i * j)
-            cores.append(torch.randn(size, dtype=torch.float32, device=device).mul_(std).to(dtype))
+            core = torch.randn(size, dtype=torch.float32).mul_(std)
+            cores.append(core.to(device=device, dtype=dtype))
     return cores
 
 
