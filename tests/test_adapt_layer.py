@@ -162,6 +162,16 @@ class TestSwitches:
         with pytest.raises(mpo.MPOError, match=r"no adapter named 'missing'.*\['default'\]"):
             layer.set_adapter("missing")
 
+    def test_a_one_core_layout_trains(self):
+        base = torch.nn.Linear(7, 5)
+        layer = DoTALinear(base, rank=4, shape=((5,), (7,)))
+        perturb(layer)
+        x = torch.randn(3, 7)
+        (y, grads), (y_ref, grads_ref) = _step(layer, x, "dense"), _step(layer, x, "factored")
+        torch.testing.assert_close(y, y_ref)
+        for grad, reference in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(grad, reference)
+
     def test_unknown_strategy_is_an_error(self):
         layer = DoTALinear(linear(), rank=4, shape=SHAPE)
         with pytest.raises(mpo.MPOError, match=r"strategy must be one of .*'fast'"):
@@ -270,6 +280,24 @@ class TestBlocks:
         for grad, reference in zip(grads, grads_ref, strict=True):
             scale = reference.abs().max()
             assert (grad.float() - reference.float()).abs().max() <= 2e-2 * scale
+
+    @pytest.mark.parametrize("transposed", [False, True])
+    def test_a_zero_w0_given_as_none_gives_the_update_alone(self, transposed):
+        """QDoTA applies its residual apart and passes ``W0 = None``."""
+        layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+        perturb(layer)
+        cores = layer.cores()
+        layout = Layout(layer.layout().shapes, transposed)
+        x = torch.randn(10, 64, requires_grad=True)
+        y = mpo.adapt.delta.dense_forward(x, None, None, cores, None, layout)
+        reference = mpo.adapt.delta.factored_delta(
+            x, *mpo.adapt.delta.pair(cores, None, layout), layout
+        )
+        torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad(y.square().sum(), [x, *cores])
+        expected = torch.autograd.grad(reference.square().sum(), [x, *cores])
+        for grad, reference_grad in zip(grads, expected, strict=True):
+            torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-5)
 
     @given(
         shape=factor_shapes(min_cores=2, max_cores=4, max_entries=512),

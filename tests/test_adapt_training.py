@@ -378,6 +378,37 @@ def test_bf16_model_with_float32_cores_trains_under_autocast(strategy):
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+def test_dense_backward_inside_autocast_gives_the_gradients_of_one_outside():
+    """The dense strategy's own backward turns autocast off (torch advises against
+    backward under autocast; the factored strategy is plain autograd and follows it)."""
+    torch.manual_seed(0)
+    layer = DoTALinear(nn.Linear(32, 32), rank=4, shape=((2, 4, 4), (2, 4, 4)))
+    layer.strategy = "dense"
+    with torch.no_grad():
+        for core in layer.cores():
+            core.add_(0.05 * torch.randn_like(core))
+    x = torch.randn(2, 8, 32)
+    gradients = []
+    for backward_inside in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = layer(x).float().square().mean()
+            if backward_inside:
+                gradients.append(torch.autograd.grad(loss, layer.cores()))
+        if not backward_inside:
+            gradients.append(torch.autograd.grad(loss, layer.cores()))
+    for inside, outside in zip(*gradients, strict=True):
+        assert torch.equal(inside, outside)
+
+
+def test_float64_input_is_left_alone_by_autocast_as_the_base_layer_does():
+    base = nn.Linear(32, 32).double()
+    layer = DoTALinear(base, rank=4, shape=((2, 4, 4), (2, 4, 4)))
+    layer.strategy = "dense"
+    x = torch.randn(3, 32, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), base(x))
+
+
 @pytest.mark.parametrize("strategy", ["dense", "factored"])
 def test_float32_layer_runs_under_bf16_autocast(strategy):
     torch.manual_seed(0)

@@ -16,9 +16,10 @@ full-size is one of:
   costly as the dense matrix once ``r >= 16``.
 * **dense** (many rows): ``W0 + Delta`` is rebuilt one block of rows at a time
   (``A_block @ B``, permuted and added to ``W0``'s rows), each block used at once
-  for its columns of ``y``, so ``W0 + Delta`` is never whole in memory and never
-  saved for the backward. The backward rebuilds it in blocks of columns, for
-  ``dL/dx`` and for the same columns of ``dL/dDelta = dy^T x``, which it turns
+  for its columns of ``y``, so ``W0 + Delta`` is whole in memory only when it fits
+  one block's budget, and never saved for the backward. The backward rebuilds it
+  in blocks of columns, for ``dL/dx`` and for the same columns of
+  ``dL/dDelta = dy^T x``, which it turns
   into the gradients of ``L`` and ``R`` at once. Against a frozen layer this adds
   the product ``dy^T x`` and two rebuilds: 1.5x a frozen training step is its floor.
 
@@ -127,15 +128,20 @@ def is_zero(cores: list[Any], init: list[Any] | None) -> bool:
     return all(torch.equal(core, core0) for core, core0 in zip(cores, init, strict=True))
 
 
+# The dtypes autocast casts (it leaves float64 alone).
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
 # Bytes of one block of W0 + Delta. On a CPU, small enough to stay in a core's cache
 # between its rebuild and its use, and below glibc's mmap threshold (32 MiB), above which
 # every fresh buffer is new pages whose first touch costs as much as the rebuild (a 64 MB
 # copy: 7 ms into an existing buffer, 24 ms into a new one). On a GPU, large enough that
-# kernel launches do not count, while the transients stay bounded whatever the layer.
+# kernel launches do not count and a 7B model's layers are one block each (a layer of
+# several blocks reads is_zero's answer back from the device, a sync, on each forward),
+# while the transients stay bounded whatever the layer.
 _CPU_BLOCK_BYTES = 1 << 22
-_GPU_BLOCK_BYTES = 1 << 26
+_GPU_BLOCK_BYTES = 1 << 28
 _MIN_LINES = 256
-_MAX_BLOCK_BYTES = 1 << 25  # widening stops at the mmap threshold
+_MAX_BLOCK_BYTES = 1 << 25  # widening (a cpu matter) stops at the mmap threshold
 
 
 def _blocks(
@@ -160,8 +166,9 @@ def _blocks(
 
 
 def _oriented(weight: Any, layout: Layout) -> Any:
-    """The ``(out, in)`` matrix as a view (a ``Conv1D`` weight is stored ``(in, out)``)."""
-    return weight.T if layout.transposed else weight
+    """The ``(out, in)`` matrix as a view (a ``Conv1D`` weight is stored ``(in, out)``);
+    ``None`` (``W0 = 0``) stays ``None``."""
+    return weight.T if layout.transposed and weight is not None else weight
 
 
 def _merged(weight: Any, a: Any, b: Any, layout: Layout) -> Any:
@@ -193,14 +200,18 @@ def _merged(weight: Any, a: Any, b: Any, layout: Layout) -> Any:
 def _row_block(matrix: Any, a: Any, b: Any, start: int, stop: int, layout: Layout) -> Any:
     """Rows ``(i_L, i_R)``, ``start <= i_L < stop``, of ``W0 + Delta``: ``(c I_R, J)``.
 
-    ``matrix`` is ``W0`` as ``(out, in)`` (:func:`_oriented`); ``Delta``'s block is
-    ``A @ B`` in their dtype, the sum is rounded once, to that dtype too.
+    ``matrix`` is ``W0`` as ``(out, in)`` (:func:`_oriented`), or ``None`` for zero;
+    ``Delta``'s block is ``A @ B`` in their dtype, the sum is rounded once, to that
+    dtype too.
     """
     i_l, j_l, i_r, j_r = layout.blocks
     product = (a.view(i_l, j_l, -1)[start:stop].flatten(0, 1) @ b).view(-1, j_l, i_r, j_r)
     block = product.new_empty(stop - start, i_r, j_l, j_r)
-    source = matrix.view(i_l, i_r, j_l, j_r)[start:stop]
-    torch.add(source, product.permute(0, 2, 1, 3), out=block)
+    if matrix is None:
+        block.copy_(product.permute(0, 2, 1, 3))
+    else:
+        source = matrix.view(i_l, i_r, j_l, j_r)[start:stop]
+        torch.add(source, product.permute(0, 2, 1, 3), out=block)
     return block.view(-1, layout.in_features)
 
 
@@ -209,8 +220,11 @@ def _column_block(matrix: Any, a: Any, b: Any, start: int, stop: int, layout: La
     i_l, j_l, i_r, j_r = layout.blocks
     product = (a.view(i_l, j_l, -1)[:, start:stop].flatten(0, 1) @ b).view(i_l, -1, i_r, j_r)
     block = product.new_empty(i_l, i_r, stop - start, j_r)
-    source = matrix.view(i_l, i_r, j_l, j_r)[:, :, start:stop]
-    torch.add(source, product.permute(0, 2, 1, 3), out=block)
+    if matrix is None:
+        block.copy_(product.permute(0, 2, 1, 3))
+    else:
+        source = matrix.view(i_l, i_r, j_l, j_r)[:, :, start:stop]
+        torch.add(source, product.permute(0, 2, 1, 3), out=block)
     return block.view(layout.out_features, -1)
 
 
@@ -242,18 +256,23 @@ def _linear(x: Any, weight: Any, bias: Any, transposed: bool) -> Any:
     return y.view(*x.shape[:-1], weight.shape[-1])
 
 
+def _row_blocks(rows: int, dtype: Any, layout: Layout, device: Any) -> list[tuple[int, int]]:
+    """The forward's blocks: ranges of ``i_L``, each ``I_R`` rows of ``W0 + Delta`` in ``dtype``."""
+    i_l, _, i_r, _ = layout.blocks
+    unit = i_r * layout.in_features * dtype.itemsize
+    return _blocks(i_l, unit, device, unit_lines=i_r, rows=rows)
+
+
 def _blocked_forward(x: Any, weight: Any, bias: Any, a: Any, b: Any, layout: Layout) -> Any:
     """``x (W0 + Delta)^T + b``, each block of output columns from a block of rows of
     ``W0 + Delta`` rebuilt just before its product (so ``W0 + Delta`` is never whole)."""
-    i_l, _, i_r, _ = layout.blocks
+    i_r = layout.blocks[2]
     matrix = _oriented(weight, layout)
     rows = x.reshape(-1, layout.in_features)
     y = rows.new_empty(rows.shape[0], layout.out_features)
     dtype = _compute_dtype(a, x.dtype)
     a, b = a.to(dtype), b.to(dtype)
-    unit = i_r * layout.in_features * matrix.element_size()
-    blocks = _blocks(i_l, unit, x.device, unit_lines=i_r, rows=rows.shape[0])
-    for start, stop in blocks:
+    for start, stop in _row_blocks(rows.shape[0], dtype, layout, x.device):
         block = _row_block(matrix, a, b, start, stop, layout).to(x.dtype)
         columns = slice(start * i_r, stop * i_r)
         if bias is None:
@@ -270,23 +289,25 @@ class _DenseDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layout, n, *cores_and_init):  # type: ignore[override]
         cores, init = list(cores_and_init[:n]), list(cores_and_init[n:]) or None
-        i_l, _, i_r, _ = layout.blocks
-        unit = i_r * layout.in_features * weight.element_size()
         device = x.device.type
-        # Under autocast the products run in its dtype, as the base layer's would; the
-        # update itself is rebuilt under our control (see _compute_dtype), as in the backward.
-        if torch.is_autocast_enabled(device) and x.is_floating_point():
+        # Under autocast the products run in its dtype, as the base layer's would (autocast
+        # leaves float64 alone); the update is rebuilt under our control (_compute_dtype).
+        if torch.is_autocast_enabled(device) and x.dtype in _AUTOCAST_CASTS:
             rows = x.to(torch.get_autocast_dtype(device))
         else:
             rows = x
         with torch.no_grad(), torch.autocast(device, enabled=False):
             bias = None if bias is None else bias.to(rows.dtype)
-            count = prod(x.shape[:-1])
-            if len(_blocks(i_l, unit, x.device, unit_lines=i_r, rows=count)) == 1:
+            dtype = _compute_dtype(cores[0], rows.dtype)
+            if len(_row_blocks(prod(x.shape[:-1]), dtype, layout, x.device)) == 1:
                 # W0 + Delta is W0 exactly when Delta is zero: the base layer's result
-                merged = _merged(weight, *pair(cores, init, layout), layout)
+                w0 = weight
+                if w0 is None:  # W0 = 0: a weight-sized zero, within the block budget
+                    shape = (layout.out_features, layout.in_features)
+                    w0 = cores[0].new_zeros(shape[::-1] if layout.transposed else shape)
+                merged = _merged(w0, *pair(cores, init, layout), layout)
                 y = _linear(rows, merged.to(rows.dtype), bias, layout.transposed)
-            elif is_zero(cores, init):
+            elif weight is not None and is_zero(cores, init):
                 # a blocked product may round differently from the base layer's one
                 y = _linear(rows, weight.to(rows.dtype), bias, layout.transposed)
             else:
@@ -301,10 +322,12 @@ class _DenseDelta(torch.autograd.Function):
         x, weight, *cores_and_init = ctx.saved_tensors
         layout, n = ctx.layout, ctx.n
         cores, init = cores_and_init[:n], list(cores_and_init[n:]) or None
-        with torch.enable_grad():
+        # autocast may be on around loss.backward(), which runs this on the same thread
+        off = torch.autocast(dy.device.type, enabled=False)
+        with torch.enable_grad(), off:
             leaves = [core.detach().requires_grad_(True) for core in cores]
             tied = halves(leaves, layout)
-        with torch.no_grad():
+        with torch.no_grad(), off:
             left, right = tied[0].detach(), tied[1].detach()
             a, b = _join((left, right), None if init is None else halves(init, layout))
             grad_x, grad_left, grad_right = _dense_backward(
@@ -313,7 +336,12 @@ class _DenseDelta(torch.autograd.Function):
             grad_bias = None
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, layout.out_features).sum(0)
-        core_grads = torch.autograd.grad(tied, leaves, (grad_left, grad_right))
+        # a one-core layout's right half is a constant
+        wanted = [
+            (t, g) for t, g in zip(tied, (grad_left, grad_right), strict=True) if t.requires_grad
+        ]
+        with off:
+            core_grads = torch.autograd.grad([t for t, _ in wanted], leaves, [g for _, g in wanted])
         grad_x = None if grad_x is None else grad_x.view(x.shape).to(x.dtype)
         return (grad_x, None, grad_bias, None, None, *core_grads, *([None] * len(init or [])))
 
@@ -339,9 +367,10 @@ def _dense_backward(dy, x, weight, a, b, left, right, layout: Layout, *, with_x:
     lefts = lefts.view(i_l, j_l, rank)
     grad_x = rows_dy.new_empty(rows_x.shape) if with_x else None
     grad_left = torch.empty_like(left)
-    grad_right = torch.zeros_like(right)
+    # summed over blocks: in float32, rounded to the halves' dtype once
+    grad_right = torch.zeros(right.shape, dtype=torch.float32, device=right.device)
     grad_lefts = grad_left.view(i_l, j_l, rank)
-    unit = j_r * layout.out_features * matrix.element_size()
+    unit = j_r * layout.out_features * dtype.itemsize
     for start, stop in _blocks(j_l, unit, dy.device, unit_lines=j_r, rows=rows_dy.shape[0]):
         columns = slice(start * j_r, stop * j_r)
         if grad_x is not None:
@@ -351,13 +380,17 @@ def _dense_backward(dy, x, weight, a, b, left, right, layout: Layout, *, with_x:
         g = g.permute(0, 2, 1, 3).reshape(-1, i_r * j_r).to(dtype)
         grad_lefts[:, start:stop] = (g @ right_t).view(i_l, -1, rank)
         grad_right += lefts[:, start:stop].flatten(0, 1).T @ g
-    return grad_x, grad_left, grad_right
+    return grad_x, grad_left, grad_right.to(right.dtype)
 
 
 def dense_forward(
     x: Any, weight: Any, bias: Any, cores: list[Any], init: list[Any] | None, layout: Layout
 ) -> Any:
-    """``x (W0 + Delta)^T + b`` by the dense strategy (autograd: cores and ``x``)."""
+    """``x (W0 + Delta)^T + b`` by the dense strategy (autograd: cores and ``x``).
+
+    ``weight`` is ``W0`` in the layer's layout, or ``None`` for ``W0 = 0`` (QDoTA, whose
+    residual is applied apart).
+    """
     return _DenseDelta.apply(x, weight, bias, layout, len(cores), *cores, *(init or []))
 
 

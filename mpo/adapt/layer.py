@@ -354,8 +354,9 @@ class DoTALinear(nn.Module):
         calls without autograd.
 
         Generation calls the layer once per token with unchanged cores; the cache
-        is keyed by the cores' identities and version counters, which every
-        in-place update (an optimizer step, ``load_state_dict``) bumps.
+        is keyed by the identities, dtypes and version counters of ``T`` and ``T0``,
+        which every in-place update (an optimizer step, ``load_state_dict``) bumps;
+        writes through ``.data`` bypass version counters and go unseen.
         """
 
         def compute() -> tuple:
@@ -366,7 +367,8 @@ class DoTALinear(nn.Module):
         if torch.is_grad_enabled():
             self._pair_cache = None
             return compute()
-        key = (self.active_adapter, *((id(c), c._version, c.device) for c in cores))
+        tensors = [*cores, *(init or [])]
+        key = (self.active_adapter, *((id(t), t._version, t.device, t.dtype) for t in tensors))
         cached = getattr(self, "_pair_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, compute())

@@ -471,11 +471,10 @@ class QDoTALinear(nn.Module):
         if choose(rows, layout, training=training, with_init=False) == "factored":
             update = factored_delta(x, *halves(cores, layout), layout)
             return y + update.to(y.dtype)
-        # Many rows: DoTA's dense strategy with W0 = 0 rebuilds MPO(T) in blocks and saves
-        # nothing full-size; the factored path would keep an intermediate 16-48x the size of
-        # x per layer for the backward. The zero is a stride-0 view: no memory.
-        zero = cores[0].new_zeros(()).expand(self.out_features, self.in_features)
-        return y + dense_forward(x, zero, None, cores, None, layout).to(y.dtype)
+        # Many rows: DoTA's dense strategy with W0 = 0 (None) rebuilds MPO(T) in blocks and
+        # saves nothing full-size; the factored path would keep an intermediate 16-48x the
+        # size of x per layer for the backward.
+        return y + dense_forward(x, None, None, cores, None, layout).to(y.dtype)
 
     def extra_repr(self) -> str:
         settings = self.adapter_settings[self.active_adapter]
