@@ -363,6 +363,8 @@ class QDoTALinear(nn.Module):
         #: is ``(in, out)``; the residual, the cores and the forward are ``(out, in)`` either way
         self._transposed = _is_conv1d(base_layer)
         operator = checked_operator(cores, self.out_features, self.in_features)
+        shapes = tuple(tuple(int(d) for d in c.shape) for c in cores)
+        self._update_layout = Layout(shapes, False)
         #: dtype of the original weight (before any 4-bit loading): what merging returns by default
         self.base_dtype = _original_dtype(base_layer)
         self.bias = base_layer.bias
@@ -464,12 +466,16 @@ class QDoTALinear(nn.Module):
         if cores is None:
             return y
         # the residual and the MPO are (out, in) whatever the base layer: the update is
-        # computed as for an nn.Linear (a Conv1D's layout matters only to get_delta_weight)
-        layout = Layout(self.layout().shapes, False)
+        # computed as for an nn.Linear (a Conv1D's layout matters only to get_delta_weight,
+        # merging and checkpoints)
+        layout = self._update_layout
         rows = math.prod(x.shape[:-1])
         training = torch.is_grad_enabled() and cores[0].requires_grad
         if choose(rows, layout, training=training, with_init=False) == "factored":
-            update = factored_delta(x, *halves(cores, layout), layout)
+            # in the cores' dtype: autocast would round the halves to bfloat16
+            with torch.autocast(x.device.type, enabled=False):
+                left, right = halves(cores, layout)
+            update = factored_delta(x, left, right, layout)
             return y + update.to(y.dtype)
         # Many rows: DoTA's dense strategy with W0 = 0 (None) rebuilds MPO(T) in blocks and
         # saves nothing full-size; the factored path would keep an intermediate 16-48x the
