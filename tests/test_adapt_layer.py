@@ -162,6 +162,19 @@ class TestSwitches:
         with pytest.raises(mpo.MPOError, match=r"no adapter named 'missing'.*\['default'\]"):
             layer.set_adapter("missing")
 
+    def test_frozen_cores_still_pass_the_input_gradient(self):
+        base = linear()
+        layer = DoTALinear(base, rank=4, shape=SHAPE)
+        perturb(layer)
+        layer.strategy = "dense"
+        x = torch.randn(5, 64, requires_grad=True)
+        (expected,) = torch.autograd.grad(layer(x).square().sum(), [x])
+        for core in layer.cores():
+            core.requires_grad_(False)
+        (grad,) = torch.autograd.grad(layer(x).square().sum(), [x])
+        torch.testing.assert_close(grad, expected)
+        assert all(core.grad is None for core in layer.cores())
+
     def test_a_one_core_layout_trains(self):
         base = torch.nn.Linear(7, 5)
         layer = DoTALinear(base, rank=4, shape=((5,), (7,)))

@@ -330,25 +330,35 @@ class _DenseDelta(torch.autograd.Function):
         with torch.no_grad(), off:
             left, right = tied[0].detach(), tied[1].detach()
             a, b = _join((left, right), None if init is None else halves(init, layout))
+            with_cores = any(ctx.needs_input_grad[5 : 5 + n])
+            needs_x = ctx.needs_input_grad[0]
             grad_x, grad_left, grad_right = _dense_backward(
-                dy, x, weight, a, b, left, right, layout, with_x=ctx.needs_input_grad[0]
+                dy, x, weight, (a, b), (left, right), layout, with_x=needs_x, with_cores=with_cores
             )
             grad_bias = None
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, layout.out_features).sum(0)
-        # a one-core layout's right half is a constant
-        wanted = [
-            (t, g) for t, g in zip(tied, (grad_left, grad_right), strict=True) if t.requires_grad
-        ]
-        with off:
-            core_grads = torch.autograd.grad([t for t, _ in wanted], leaves, [g for _, g in wanted])
+        core_grads = [None] * n
+        if with_cores:
+            # a one-core layout's right half is a constant
+            wanted = [
+                (t, g)
+                for t, g in zip(tied, (grad_left, grad_right), strict=True)
+                if t.requires_grad
+            ]
+            with off:
+                outputs, grads = zip(*wanted, strict=True)
+                core_grads = torch.autograd.grad(outputs, leaves, grads)
         grad_x = None if grad_x is None else grad_x.view(x.shape).to(x.dtype)
         return (grad_x, None, grad_bias, None, None, *core_grads, *([None] * len(init or [])))
 
 
-def _dense_backward(dy, x, weight, a, b, left, right, layout: Layout, *, with_x: bool) -> tuple:
-    """``dL/dx = dy (W0 + Delta)`` (``None`` unless ``with_x``) and the gradients of the
-    halves ``L`` and ``R``.
+def _dense_backward(
+    dy, x, weight, product: tuple, term: tuple, layout: Layout, *, with_x: bool, with_cores: bool
+) -> tuple:
+    """``dL/dx = dy (W0 + Delta)`` and the gradients of the halves ``L`` and ``R``
+    (``None`` unless ``with_x``, resp. ``with_cores``: frozen cores skip ``dy^T x``), from
+    ``product = (A, B)`` (:func:`pair`) and ``term = (L, R)``, the halves of ``T``.
 
     One pass over blocks of input columns ``(j_L, j_R)``: rebuild the block of
     ``W0 + Delta`` and take its share of ``dL/dx`` (when wanted), form the same columns of
@@ -356,12 +366,13 @@ def _dense_backward(dy, x, weight, a, b, left, right, layout: Layout, *, with_x:
     add their share of ``dL/dL = G R^T`` and ``dL/dR = L^T G``. Neither
     ``W0 + Delta`` nor ``G`` is ever whole in memory.
     """
+    (a, b), (left, right) = product, term
     i_l, j_l, i_r, j_r = layout.blocks
     rank = left.shape[1]
     matrix = _oriented(weight, layout)
     rows_dy = dy.reshape(-1, layout.out_features)
     rows_x = x.reshape(-1, layout.in_features).to(dy.dtype)
-    # G and its products with the halves in the compute dtype, accumulated in the halves'
+    # G and its products with the halves in the compute dtype
     dtype = _compute_dtype(left, dy.dtype)
     a, b, lefts, right_t = a.to(dtype), b.to(dtype), left.to(dtype), right.T.to(dtype)
     lefts = lefts.view(i_l, j_l, rank)
@@ -376,10 +387,14 @@ def _dense_backward(dy, x, weight, a, b, left, right, layout: Layout, *, with_x:
         if grad_x is not None:
             block = _column_block(matrix, a, b, start, stop, layout).to(dy.dtype)
             torch.mm(rows_dy, block, out=grad_x[:, columns])
+        if not with_cores:
+            continue
         g = (rows_dy.T @ rows_x[:, columns]).view(i_l, i_r, stop - start, j_r)
         g = g.permute(0, 2, 1, 3).reshape(-1, i_r * j_r).to(dtype)
         grad_lefts[:, start:stop] = (g @ right_t).view(i_l, -1, rank)
         grad_right += lefts[:, start:stop].flatten(0, 1).T @ g
+    if not with_cores:
+        return grad_x, None, None
     return grad_x, grad_left, grad_right.to(right.dtype)
 
 
