@@ -56,6 +56,23 @@ def rel_error(approx, exact) -> float:
     return float(np.linalg.norm(a - e) / np.linalg.norm(e))
 
 
+def adamw_losses(model, ids, steps: int = 8, **options) -> list[float]:
+    """The loss before each of ``steps`` AdamW steps (lr 1e-2, other ``options`` as given)
+    on the one batch ``ids``, a causal LM predicting its own tokens."""
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, **options)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def byte_tokenizer(*, bos: bool = True, adds_bos: bool = False):
     """One token per UTF-8 byte plus <s>, </s>, <pad>, built offline; ``bos=False``: no <s>
     token; ``adds_bos``: it prepends <s> itself."""

@@ -10,7 +10,7 @@ import torch
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from conftest import TINY_LLAMA  # noqa: E402
+from conftest import TINY_LLAMA, adamw_losses  # noqa: E402
 
 import mpo  # noqa: E402
 import mpo.adapt  # noqa: E402
@@ -104,17 +104,9 @@ def trainer(model, folder, steps=3):
 
 
 def losses_over_adamw_steps(model, steps=8):
-    """The loss before each of ``steps`` AdamW steps (lr 1e-2) on one fixed batch."""
+    """:func:`conftest.adamw_losses` on one fixed batch of the tiny LLaMA's tokens."""
     ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return adamw_losses(model, ids, steps)
 
 
 def linear_4bit(weight, bias=True, quant_type="nf4"):

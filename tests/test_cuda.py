@@ -22,7 +22,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from conftest import TINY_LLAMA  # noqa: E402
+from conftest import TINY_LLAMA, adamw_losses  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
@@ -151,20 +151,9 @@ def all_cores(model: nn.Module) -> list[torch.Tensor]:
     return [core for _, layer in mpo.adapt.dota_layers(model) for core in layer.cores()]
 
 
-def adamw_losses(model: nn.Module, steps: int = 8) -> list[float]:
-    """The loss before each of ``steps`` AdamW steps (lr 1e-2) on one fixed batch."""
-    ids = token_ids(4, 12, seed=0)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0
-    )
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+def losses_on_a_fixed_batch(model: nn.Module, steps: int = 8) -> list[float]:
+    """:func:`conftest.adamw_losses` (without weight decay) on one fixed batch."""
+    return adamw_losses(model, token_ids(4, 12, seed=0), steps, weight_decay=0.0)
 
 
 def mpo_dense(cores) -> torch.Tensor:
@@ -346,7 +335,7 @@ class TestLlama:
     def test_a_few_adamw_steps_lower_the_loss_and_change_only_the_cores(self, init):
         model = mpo.adapt.wrap(tiny_llama(), rank=4, num_cores=3, init=init, quiet=True)
         before = {name: t.clone() for name, t in model.state_dict().items()}
-        losses = adamw_losses(model, steps=5)
+        losses = losses_on_a_fixed_batch(model, steps=5)
         assert losses[-1] < losses[0] - 0.02, losses
         after = model.state_dict()
         changed = {name for name in before if not torch.equal(after[name], before[name])}
@@ -367,7 +356,7 @@ class TestLlama:
 
     def test_adapter_saved_and_loaded_onto_a_fresh_base_gives_identical_logits(self, tmp_path):
         model = mpo.adapt.wrap(tiny_llama(), rank=4, num_cores=3, quiet=True)
-        adamw_losses(model, steps=2)
+        losses_on_a_fixed_batch(model, steps=2)
         ids = token_ids()
         expected = logits(model, ids)
         assert not torch.equal(expected, logits(tiny_llama(), ids))  # the update is not zero
@@ -465,7 +454,7 @@ class TestQDoTA:
             assert core.grad.abs().max() > 0
 
     def test_a_few_adamw_steps_reduce_the_loss(self):
-        losses = adamw_losses(self.wrapped())
+        losses = losses_on_a_fixed_batch(self.wrapped())
         assert losses[-1] < losses[0] - 0.05, losses
 
     @pytest.mark.parametrize("length", [8, 512])  # 16 rows: mostly factored; 1024: dense
