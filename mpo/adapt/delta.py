@@ -183,10 +183,10 @@ def _merged(weight: Any, a: Any, b: Any, layout: Layout) -> Any:
     rows = a.view(i_l, j_l, k)
     if layout.transposed:
         view = (j_l, j_r, i_l, i_r)
-        blocks = _blocks(j_l, i_l * i_r * j_r * 4, weight.device)
+        blocks = _blocks(j_l, i_l * i_r * j_r * a.element_size(), weight.device)
     else:
         view = (i_l, i_r, j_l, j_r)
-        blocks = _blocks(i_l, j_l * i_r * j_r * 4, weight.device)
+        blocks = _blocks(i_l, j_l * i_r * j_r * a.element_size(), weight.device)
     source, target = weight.view(view), merged.view(view)
     for start, stop in blocks:
         part = rows[:, start:stop] if layout.transposed else rows[start:stop]

@@ -409,8 +409,7 @@ class QDoTALinear(nn.Module):
 
     def layout(self) -> Layout:
         """The cores' shapes and the base weight's orientation (transposed for a ``Conv1D``)."""
-        shapes = tuple(tuple(int(d) for d in c.shape) for c in self.cores())
-        return Layout(shapes, self._transposed)
+        return Layout(self._update_layout.shapes, self._transposed)
 
     def enable_adapters(self, enabled: bool) -> None:
         """Off: the layer as at initialisation, ``x (Dequant(W_res) + MPO(T0))^T + b``."""
