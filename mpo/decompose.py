@@ -63,7 +63,10 @@ def _checked_norm(W: Any, tensor: Any, xp: Backend) -> float:
     if math.isfinite(norm_sq):
         return norm_sq
     if not xp.all_finite(W):
-        raise MPOError("the matrix contains NaN or Inf; an MPO of it would be meaningless")
+        raise MPOError(
+            "the matrix contains NaN or Inf, so an MPO of it would be meaningless; check where "
+            "it came from (a diverged run, a failed load, an overflowing cast to float16)"
+        )
     raise MPOError(
         "the matrix's squared Frobenius norm overflows float64; scale it down before "
         "decomposing (the MPO of c W is c times that of W)"

@@ -1,6 +1,7 @@
 """The DoTA layer and wrap(): structure, initialisation, merging, switches and bad input."""
 
 import math
+import sys
 
 import pytest
 from conftest import factor_shapes
@@ -381,6 +382,70 @@ class TestWrap:
         with pytest.raises(mpo.MPOError, match="already has DoTA layers"):
             mpo.adapt.wrap(model, rank=4, num_cores=3, quiet=True)
 
+    def assert_untouched(self, model, modules, trainable):
+        assert not mpo.adapt.dota_layers(model)
+        assert not hasattr(model, "dota_config")
+        assert not hasattr(model, "_dota_trainable")
+        assert dict(model.named_children()) == modules
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+
+    def test_a_layer_that_fails_to_decompose_leaves_the_model_as_it_was(self):
+        model = self.model()
+        model.q_proj.weight.requires_grad_(False)  # a flag wrap must give back as it was
+        with torch.no_grad():
+            model.v_proj.weight[3, 5] = float("nan")  # q_proj is replaced before v_proj fails
+        modules = dict(model.named_children())
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        with pytest.raises(mpo.MPOError, match=r"^v_proj: the matrix contains NaN.*left as it"):
+            mpo.adapt.wrap(model, rank=4, num_cores=3, quiet=True)
+        self.assert_untouched(model, modules, trainable)
+
+    def test_an_interrupt_halfway_leaves_the_model_as_it_was(self, monkeypatch):
+        model = self.model()
+        modules = dict(model.named_children())
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        built = []
+        real_init = DoTALinear.__init__
+
+        def interrupted(layer, *args, **kwargs):
+            if built:
+                raise KeyboardInterrupt
+            real_init(layer, *args, **kwargs)
+            built.append(layer)
+
+        monkeypatch.setattr(DoTALinear, "__init__", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            mpo.adapt.wrap(model, rank=4, num_cores=3, quiet=True)
+        assert len(built) == 1
+        self.assert_untouched(model, modules, trainable)
+
+    def test_a_model_without_weights_is_refused_before_anything_changes(self):
+        with torch.device("meta"):
+            model = self.model()
+        with pytest.raises(mpo.MPOError, match=r"q_proj's weight is on the meta device.*plan"):
+            mpo.adapt.wrap(model, rank=4, num_cores=3, quiet=True)
+        assert all(p.requires_grad for p in model.parameters())
+
+    @pytest.mark.parametrize("name", ["", "a.b", 3])
+    def test_an_adapter_name_that_cannot_be_a_key_is_refused(self, name):
+        model = self.model()
+        with pytest.raises(mpo.MPOError, match=r"must be a non-empty string without '\.'"):
+            mpo.adapt.wrap(model, adapter_name=name, rank=4, num_cores=3, quiet=True)
+        assert all(p.requires_grad for p in model.parameters())
+        with pytest.raises(mpo.MPOError, match=r"must be a non-empty string without '\.'"):
+            DoTALinear(model.q_proj, name, rank=4, shape=((4, 4, 4), (4, 4, 4)))
+
+    @pytest.mark.parametrize(
+        ("quiet", "progress", "shown"),
+        [(False, None, True), (True, None, False), (True, True, True), (False, False, False)],
+    )
+    def test_quiet_hides_the_progress_bar_unless_asked_for(
+        self, capsys, monkeypatch, quiet, progress, shown
+    ):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as on a terminal
+        mpo.adapt.wrap(self.model(), rank=4, num_cores=3, quiet=quiet, progress=progress)
+        assert ("DoTA: decomposing" in capsys.readouterr().err) is shown
+
     def test_no_matching_target_lists_the_linear_names(self):
         with pytest.raises(mpo.MPOError, match=r"lm_head.*q_proj.*v_proj"):
             mpo.adapt.wrap(self.model(), target_modules=["c_attn"], quiet=True)
@@ -396,6 +461,7 @@ class TestConfigErrors:
         [
             ({"rank": 0}, "rank must be a positive integer"),
             ({"num_cores": 0}, "num_cores must be a positive integer"),
+            ({"num_cores": True}, "num_cores must be a positive integer"),
             ({"init": "gaussian"}, "init must be one of"),
             ({"dtype": "int8"}, "dtype must be one of"),
             ({"quantize": "int4"}, "quantize must be None or 'nf4'"),

@@ -515,8 +515,25 @@ class TestErrors:
     def test_meta_device_is_refused(self):
         with torch.device("meta"):
             model = tiny_llama()
-        with pytest.raises(mpo.MPOError, match=r"q_proj's weight is on meta"):
+        with pytest.raises(mpo.MPOError, match=r"q_proj's weight is on the meta device"):
             mpo.adapt.wrap(model, quantize="nf4", rank=4, num_cores=2, quiet=True)
+
+    def test_a_layer_failing_halfway_leaves_the_full_precision_model(self):
+        # QDoTA layers keep no W0: wrap must put the original layers back itself
+        model = tiny_llama()
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+        linear = torch.nn.Linear
+        originals = {name: m for name, m in model.named_modules() if isinstance(m, linear)}
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        with pytest.raises(mpo.MPOError, match=r"^model.layers.1.mlp.down_proj: .*NaN"):
+            mpo.adapt.wrap(model, quantize="nf4", rank=4, num_cores=2, quiet=True)
+        assert not mpo.adapt.dota_layers(model)
+        now = {name: m for name, m in model.named_modules() if isinstance(m, linear)}
+        assert all(now[name] is module for name, module in originals.items())
+        assert all(p.requires_grad for p in model.parameters())
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p, before[name], rtol=0, atol=0, equal_nan=True)
 
     def test_a_model_loaded_in_4_bits_needs_quantize_nf4(self):
         model = torch.nn.Sequential()

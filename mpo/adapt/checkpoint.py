@@ -76,17 +76,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import mpo
-from mpo.adapt.config import DoTAConfig
+from mpo.adapt.config import DoTAConfig, check_adapter_name
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
 from mpo.adapt.targets import linear_modules, weight_shape
-from mpo.adapt.wrap import (
-    check_precision,
-    dota_layers,
-    freeze_base,
-    mark_adapted,
-    replace_module,
-)
+from mpo.adapt.wrap import check_target, dota_layers, install
 from mpo.atomic import staged_folder, write_json
 from mpo.errors import MPOError
 from mpo.operator import MPO
@@ -239,15 +233,6 @@ def _base_model_name(model: nn.Module) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def _check_adapter_name(name: Any, where: str) -> str:
-    if not isinstance(name, str) or not name or "." in name:
-        raise MPOError(
-            f"{where}: adapter name {name!r} must be a non-empty string without '.'; "
-            "pass adapter_name='default' (or another such name)"
-        )
-    return name
-
-
 def _quantization(layer: DoTALinear | QDoTALinear) -> tuple[str | None, bool]:
     """``(quantize, double_quant)`` of a layer, as a :class:`DoTAConfig` names them."""
     if isinstance(layer, QDoTALinear):
@@ -390,7 +375,7 @@ def _read_header(file: Path) -> _Header:
             f"{file} has format_version {version}, newer than this mpo {mpo.__version__} reads "
             f"(up to {FORMAT_VERSION}; written by mpo {data.get('mpo_version')}); upgrade mpo"
         )
-    name = _check_adapter_name(data.get("adapter_name"), str(file))
+    name = check_adapter_name(data.get("adapter_name"), str(file))
     base_model = data.get("base_model_name_or_path")
     try:
         config = DoTAConfig.from_dict(data.get("config"))
@@ -546,53 +531,41 @@ def load_adapter(
                 "(save_adapter writes adapter_config.json and adapter_model.safetensors)"
             )
     header = _read_header(config_file)
-    name = _check_adapter_name(adapter_name or header.adapter_name, "adapter_name")
+    name = check_adapter_name(adapter_name or header.adapter_name, "adapter_name")
     modules = _find_modules(model, header, config_file)
     quantized = header.config.quantize == "nf4"
     if quantized:
         require_bitsandbytes()
     for module_name, module in modules.items():
-        check_precision(module_name, module, header.config.quantize)
+        check_target(module_name, module, header.config.quantize)
         if quantized:
             check_quantizable(module, module_name)
     tensors = _read_tensors(weights_file, header, strict=strict)
 
-    flags = freeze_base(model)
-    replaced: list[tuple[str, nn.Module]] = []
-    try:
-        for module_name, record in header.records.items():
-            base = modules[module_name]
-            cores = _cores(tensors, module_name, "dota_cores", record, base.weight.device)
-            initial = (
-                _cores(tensors, module_name, "dota_init", record, base.weight.device)
-                if record.init == "dota"
-                else None
+    def build(module_name: str, base: nn.Module) -> nn.Module:
+        record = header.records[module_name]
+        cores = _cores(tensors, module_name, "dota_cores", record, base.weight.device)
+        initial = (
+            _cores(tensors, module_name, "dota_init", record, base.weight.device)
+            if record.init == "dota"
+            else None
+        )
+        init = "random" if initial is None else "dota"
+        if quantized:
+            return QDoTALinear.from_cores(
+                base,
+                cores,
+                initial,
+                adapter_name=name,
+                rank=record.rank,
+                init=init,
+                double_quant=header.config.double_quant,
             )
-            init = "random" if initial is None else "dota"
-            if quantized:
-                layer = QDoTALinear.from_cores(
-                    base,
-                    cores,
-                    initial,
-                    adapter_name=name,
-                    rank=record.rank,
-                    init=init,
-                    double_quant=header.config.double_quant,
-                )
-            else:
-                layer = DoTALinear.from_cores(
-                    base, cores, initial, adapter_name=name, rank=record.rank, init=init
-                )
-            replace_module(model, module_name, layer)
-            replaced.append((module_name, base))
-        mark_adapted(model, name, header.config)
-    except BaseException:
-        for module_name, base in reversed(replaced):
-            replace_module(model, module_name, base)
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-        del model._dota_trainable
-        raise
+        return DoTALinear.from_cores(
+            base, cores, initial, adapter_name=name, rank=record.rank, init=init
+        )
+
+    install(model, [(m, modules[m]) for m in header.records], build, name, header.config)
     return model
 
 

@@ -16,7 +16,7 @@ from mpo.count import bond_ranks
 from mpo.errors import MPOError
 from mpo.tensorize import factorize
 
-__all__ = ["PAPER_TARGETS", "DoTAConfig", "resolve_config"]
+__all__ = ["PAPER_TARGETS", "DoTAConfig", "check_adapter_name", "resolve_config"]
 
 #: The modules the DoTA paper adapts in LLaMA models.
 PAPER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -64,7 +64,11 @@ class DoTAConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise MPOError(f"rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.num_cores, int) or self.num_cores < 1:
+        if (
+            not isinstance(self.num_cores, int)
+            or isinstance(self.num_cores, bool)
+            or self.num_cores < 1
+        ):
             raise MPOError(f"num_cores must be a positive integer, got {self.num_cores!r}")
         if self.init not in _INITS:
             raise MPOError(f"init must be one of {_INITS}, got {self.init!r}")
@@ -125,6 +129,17 @@ class DoTAConfig:
         if unknown:
             raise MPOError(f"unknown DoTAConfig fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+def check_adapter_name(name: Any, where: str) -> str:
+    """``name`` if it can name an adapter (a module key: a non-empty string without
+    ``"."``), else :class:`MPOError` saying so, ``where`` first."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise MPOError(
+            f"{where}: adapter name {name!r} must be a non-empty string without '.'; "
+            "pass adapter_name='default' (or another such name)"
+        )
+    return name
 
 
 def resolve_config(config: DoTAConfig | None, overrides: Mapping[str, Any]) -> DoTAConfig:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import mpo
+from mpo.adapt.config import check_adapter_name
 from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, pair
 from mpo.adapt.targets import weight_shape
 from mpo.errors import MPOError
@@ -210,6 +211,7 @@ class DoTALinear(nn.Module):
         dtype: torch.dtype | str = torch.float32,
     ) -> None:
         """Add the adapter ``adapter_name``: cores from the TT-SVD of the frozen weight."""
+        check_adapter_name(adapter_name, "update_layer")
         if adapter_name in self.dota_cores:
             raise MPOError(f"this layer already has an adapter named {adapter_name!r}")
         weight = self.base_layer.weight.detach()
@@ -231,6 +233,7 @@ class DoTALinear(nn.Module):
         The cores are copied; ``initial_cores`` is ``None`` when ``MPO(T0)`` is
         zero (random init). Shapes must describe this layer's ``(out, in)`` weight.
         """
+        check_adapter_name(adapter_name, "add_cores")
         if adapter_name in self.dota_cores:
             raise MPOError(f"this layer already has an adapter named {adapter_name!r}")
         shape = (

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpo.adapt.config import check_adapter_name
 from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, halves
 from mpo.adapt.layer import _Cores, checked_operator, new_cores
 from mpo.adapt.targets import _is_linear, weight_shape
@@ -358,6 +359,7 @@ class QDoTALinear(nn.Module):
         init: str,
         double_quant: bool,
     ) -> None:
+        check_adapter_name(adapter_name, "QDoTALinear")
         self.out_features, self.in_features = weight_shape(base_layer)
         #: True for a ``Conv1D`` base: merging gives a ``Conv1D`` back and ``get_delta_weight``
         #: is ``(in, out)``; the residual, the cores and the forward are ``(out, in)`` either way

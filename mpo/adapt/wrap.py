@@ -20,12 +20,13 @@ this one does (see there how), and ``unwrap`` and ``merge_and_unload`` undo that
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
 
 from mpo import report
-from mpo.adapt.config import DoTAConfig, resolve_config
+from mpo.adapt.config import DoTAConfig, check_adapter_name, resolve_config
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import (
     QDoTALinear,
@@ -66,17 +67,41 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def freeze_base(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
-    """Freeze every parameter, remembering which were trainable (``unwrap`` restores them).
-
-    Returns the previous ``(parameter, requires_grad)`` pairs for a caller that
-    must roll back.
-    """
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter, remembering by name which were trainable (for ``unwrap``)."""
     model._dota_trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    for parameter, _ in flags:
+    for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return flags
+
+
+def install(
+    model: nn.Module,
+    targets: Iterable[tuple[str, nn.Module]],
+    build: Callable[[str, nn.Module], nn.Module],
+    adapter_name: str,
+    config: DoTAConfig,
+) -> None:
+    """Freeze ``model``, put ``build(name, module)`` in place of each target, and mark it
+    adapted (:func:`mark_adapted`); all or nothing.
+
+    If anything fails (a layer that cannot be decomposed, a corrupt tensor, an
+    interrupt), every replaced module is put back and the parameters get back
+    their ``requires_grad``, so the model is exactly as it was, then the error
+    propagates. The originals are kept until then, so this holds for QDoTA
+    layers too, which keep no ``W0`` of their own.
+    """
+    freeze_base(model)
+    replaced: list[tuple[str, nn.Module]] = []
+    try:
+        for name, module in targets:
+            replace_module(model, name, build(name, module))
+            replaced.append((name, module))
+        mark_adapted(model, adapter_name, config)
+    except BaseException:
+        for name, module in reversed(replaced):
+            replace_module(model, name, module)
+        _restore_base(model)
+        raise
 
 
 def mark_adapted(model: nn.Module, adapter_name: str, config: DoTAConfig) -> None:
@@ -122,8 +147,15 @@ def _restore_base(model: nn.Module) -> None:
             delattr(model, attribute)
 
 
-def check_precision(name: str, module: nn.Module, quantize: str | None) -> None:
-    """Refuse layers loaded in 8 bits, and in 4 bits unless QDoTA will dequantize them."""
+def check_target(name: str, module: nn.Module, quantize: str | None) -> None:
+    """Refuse layers without values (meta device), layers loaded in 8 bits, and in 4
+    bits unless QDoTA will dequantize them."""
+    if module.weight.device.type == "meta":
+        raise MPOError(
+            f"{name}'s weight is on the meta device, so it has no values to decompose: load "
+            "the model with its weights first (e.g. from_pretrained); mpo.adapt.plan(model, "
+            "...) gives the adapters' shapes and parameter counts without weights"
+        )
     if is_4bit(module):
         if quantize == "nf4":
             return
@@ -173,12 +205,17 @@ def wrap(
             ``exclude_modules``, ``rank``, ``num_cores``, ``shapes``, ``init``,
             ``dtype``, ``quantize``.
         adapter_name: the name the adapter is saved and selected under.
-        progress: show a progress bar while decomposing (default: on a terminal).
-        quiet: do not print the trainable-parameter report.
+        progress: show a progress bar while decomposing (default: on a terminal,
+            unless ``quiet``).
+        quiet: print nothing: no trainable-parameter report, no bar unless
+            ``progress=True``.
 
     Raises:
         MPOError: a target is loaded in 8 bits, or in 4 bits without
-            ``quantize="nf4"`` (the message says what to pass instead).
+            ``quantize="nf4"``, or has no values (meta device), or cannot be
+            decomposed (e.g. NaN in its weight; the message names the module); the
+            adapter name is not a module key. The model is then left exactly as it
+            was, also when a layer fails halfway through (:func:`install`).
 
     Warns:
         UserWarning: once, if targets are bitsandbytes ``Linear4bit`` layers: their
@@ -194,6 +231,7 @@ def wrap(
     ('DoTALinear', False)
     """
     resolved = resolve_config(config, overrides)
+    check_adapter_name(adapter_name, "wrap")
     existing = dota_layers(model)
     if existing:
         raise MPOError(
@@ -205,7 +243,7 @@ def wrap(
     if resolved.quantize is not None:
         require_bitsandbytes()
     for name, module in targets:  # fail before anything changes
-        check_precision(name, module, resolved.quantize)
+        check_target(name, module, resolved.quantize)
         if resolved.quantize is not None:
             check_quantizable(module, name)
     four_bit = [name for name, module in targets if is_4bit(module)]
@@ -216,19 +254,24 @@ def wrap(
         if resolved.quantize == "nf4"
         else (DoTALinear, {})
     )
-    freeze_base(model)
-    for name, module in report.progress(targets, progress, "DoTA: decomposing", "layer"):
-        layer = kind(
-            module,
-            adapter_name,
-            rank=resolved.rank,
-            shape=resolved.factor_shapes(*weight_shape(module)),
-            init=resolved.init,
-            dtype=resolved.dtype,
-            **extra,
-        )
-        replace_module(model, name, layer)
-    mark_adapted(model, adapter_name, resolved)
+
+    def build(name: str, module: nn.Module) -> nn.Module:
+        try:
+            return kind(
+                module,
+                adapter_name,
+                rank=resolved.rank,
+                shape=resolved.factor_shapes(*weight_shape(module)),
+                init=resolved.init,
+                dtype=resolved.dtype,
+                **extra,
+            )
+        except MPOError as err:
+            raise MPOError(f"{name}: {err}. The model was left as it was") from err
+
+    shown = (False if quiet else None) if progress is None else progress
+    bar = report.progress(targets, shown, "DoTA: decomposing", "layer")
+    install(model, bar, build, adapter_name, resolved)
     if not quiet:
         print_trainable_parameters(model)
     return model
