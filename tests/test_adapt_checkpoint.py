@@ -55,10 +55,30 @@ def gpt2():
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)).eval()
 
 
+def bert():
+    """A tiny BERT masked LM (an encoder, every linear layer adapted)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    return transformers.BertForMaskedLM(config).eval()
+
+
+BUILDS = pytest.mark.parametrize(
+    "build", [llama, gpt2, bert], ids=["llama-Linear", "gpt2-Conv1D", "bert-all-linear"]
+)
+
+
 def adapted(build, steps: int = 2, **config):
     """``build()`` wrapped at rank 4 with 3 cores, after ``steps`` Adam steps (so T != T0)."""
     if build is gpt2:
         config.setdefault("target_modules", GPT2_TARGETS)
+    if build is bert:
+        config.setdefault("target_modules", "all-linear")
     model = wrap(build(), rank=4, num_cores=3, quiet=True, **config)
     train(model, steps)
     return model
@@ -115,7 +135,7 @@ def checkpoint_copy(trained_llama, tmp_path) -> Path:
 # -- round trip ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("build", [llama, gpt2], ids=["llama-Linear", "gpt2-Conv1D"])
+@BUILDS
 @pytest.mark.parametrize("init", ["dota", "random"])
 def test_round_trip_gives_the_saved_models_output_exactly(build, init, tmp_path):
     model = adapted(build, init=init)
@@ -127,7 +147,26 @@ def test_round_trip_gives_the_saved_models_output_exactly(build, init, tmp_path)
     assert not torch.equal(logits(loaded), logits(build()))
 
 
-@pytest.mark.parametrize("build", [llama, gpt2], ids=["llama-Linear", "gpt2-Conv1D"])
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_loading_never_decomposes(trained_llama, monkeypatch, tmp_path, quantize):
+    # the cores come from the file; a TT-SVD of the base weight would be wasted time
+    def no_decomposition(*args, **kwargs):
+        raise AssertionError("load_adapter decomposed a weight")
+
+    if quantize:
+        pytest.importorskip("bitsandbytes")
+        model = adapted(llama, quantize=quantize)
+        save_adapter(model, tmp_path / "adapter")
+        folder = tmp_path / "adapter"
+    else:
+        model, folder = trained_llama
+    monkeypatch.setattr(mpo.adapt.layer, "_dota_cores", no_decomposition)
+    monkeypatch.setattr(mpo.adapt.layer, "_random_cores", no_decomposition)
+    loaded = load_adapter(llama(), folder)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+@BUILDS
 @pytest.mark.parametrize("init", ["dota", "random"])
 def test_round_trip_restores_every_core_and_setting_bit_for_bit(build, init, tmp_path):
     model = adapted(build, init=init)
