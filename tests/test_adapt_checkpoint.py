@@ -355,6 +355,17 @@ def test_save_refuses_a_folder_holding_other_files(trained_llama, tmp_path):
     assert os.listdir(tmp_path) == ["README.md"]
 
 
+@pytest.mark.parametrize("where", [".", ".."])
+def test_save_refuses_the_working_directory(trained_llama, tmp_path, monkeypatch, where):
+    # an empty working directory passes the other checks; renaming it would fail midway
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(MPOError, match="is the working directory or holds it"):
+        save_adapter(trained_llama[0], where)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert not any((tmp_path / "empty").iterdir())
+
+
 def test_save_refuses_a_core_with_nan(tmp_path):
     model = wrap(llama(), rank=4, num_cores=3, quiet=True)
     name, layer = dota_layers(model)[0]

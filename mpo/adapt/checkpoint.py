@@ -259,6 +259,12 @@ def _check_quantization(
 
 def _check_target(target: Path) -> None:
     """Refuse a path whose current content a swap would delete, beyond an old checkpoint."""
+    here = Path.cwd()
+    if target.resolve() in (here, *here.parents):
+        raise MPOError(
+            f"{target} is the working directory or holds it, which saving cannot replace; "
+            "save the adapter to its own folder, e.g. a subfolder 'adapter'"
+        )
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise MPOError(
             f"{target} exists and is not a folder; save the adapter to a new or checkpoint folder"
