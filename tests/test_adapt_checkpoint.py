@@ -517,10 +517,10 @@ def test_a_failure_while_building_layers_puts_the_model_back(trained_llama, monk
     assert [p.requires_grad for p in base.parameters()] == flags
 
 
-def test_load_refuses_an_already_wrapped_model(trained_llama):
+def test_load_refuses_an_adapter_name_the_model_already_has(trained_llama):
     model = wrap(llama(), rank=2, num_cores=3, quiet=True)
     before = snapshot(model)
-    with pytest.raises(MPOError, match="already has DoTA layers"):
+    with pytest.raises(MPOError, match="already has an adapter named 'default'"):
         load_adapter(model, trained_llama[1])
     after = model.state_dict()
     assert after.keys() == before.keys()
@@ -663,8 +663,8 @@ def test_loading_a_qdota_checkpoint_into_a_wrapped_model_is_refused(tmp_path):
     save_adapter(qdota(), tmp_path / "adapter")
     model = wrap(llama(), quantize="nf4", rank=2, num_cores=3, quiet=True)
     before = snapshot(model)
-    with pytest.raises(MPOError, match="already has DoTA layers"):
-        load_adapter(model, tmp_path / "adapter")
+    with pytest.raises(MPOError, match="cannot take a second adapter with QDoTA"):
+        load_adapter(model, tmp_path / "adapter", adapter_name="other")
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[key], before[key]) for key in before)

@@ -377,9 +377,9 @@ class TestWrap:
         assert model.q_proj is q_proj
         assert not hasattr(model, "dota_config")
 
-    def test_wrapping_twice_is_an_error(self):
+    def test_wrapping_twice_under_one_name_is_an_error(self):
         model = mpo.adapt.wrap(self.model(), rank=4, num_cores=3, quiet=True)
-        with pytest.raises(mpo.MPOError, match="already has DoTA layers"):
+        with pytest.raises(mpo.MPOError, match="already has an adapter named 'default'"):
             mpo.adapt.wrap(model, rank=4, num_cores=3, quiet=True)
 
     def assert_untouched(self, model, modules, trainable):

@@ -15,9 +15,11 @@ from mpo.adapt.layer import DoTALinear
 from mpo.adapt.plan import AdapterPlan, ModulePlan, plan
 from mpo.adapt.quant import QDoTALinear
 from mpo.adapt.wrap import (
+    delete_adapter,
     dota_layers,
     merge_and_unload,
     print_trainable_parameters,
+    set_adapter,
     trainable_parameters,
     unwrap,
     wrap,
@@ -33,6 +35,7 @@ __all__ = [
     "ModulePlan",
     "QDoTALinear",
     "analyze",
+    "delete_adapter",
     "dota_layers",
     "export_delta",
     "load_adapter",
@@ -40,6 +43,7 @@ __all__ = [
     "plan",
     "print_trainable_parameters",
     "save_adapter",
+    "set_adapter",
     "trainable_parameters",
     "unwrap",
     "wrap",

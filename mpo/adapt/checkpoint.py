@@ -80,7 +80,7 @@ from mpo.adapt.config import DoTAConfig, check_adapter_name
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
 from mpo.adapt.targets import linear_modules, weight_shape
-from mpo.adapt.wrap import check_target, dota_layers, install
+from mpo.adapt.wrap import check_can_add, check_target, dota_layers, install
 from mpo.atomic import staged_folder, write_json
 from mpo.errors import MPOError
 from mpo.operator import MPO
@@ -188,6 +188,9 @@ def _record_from_json(data: Any) -> _Record:
 
 
 def _kind(module: nn.Module) -> str:
+    """``"Linear"`` or ``"Conv1D"``: the layer's kind, or that of the one a DoTA layer adapts."""
+    if isinstance(module, DoTALinear):
+        module = module.base_layer
     return "Linear" if isinstance(module, nn.Linear) else "Conv1D"
 
 
@@ -195,7 +198,7 @@ def _record_of(layer: DoTALinear | QDoTALinear, adapter_name: str) -> _Record:
     settings = layer.adapter_settings[adapter_name]
     cores = layer.cores(adapter_name)
     return _Record(
-        kind="Conv1D" if layer.layout().transposed else "Linear",
+        kind="Conv1D" if layer.layout(adapter_name).transposed else "Linear",
         weight_shape=(layer.out_features, layer.in_features),
         row_factors=tuple(int(c.shape[1]) for c in cores),
         col_factors=tuple(int(c.shape[2]) for c in cores),
@@ -210,7 +213,7 @@ def _record_of(layer: DoTALinear | QDoTALinear, adapter_name: str) -> _Record:
 
 
 def _adapted_layers(model: nn.Module, adapter_name: str | None) -> tuple[str, list]:
-    """The adapter's name (default: the active one) and the DoTA layers, each holding it."""
+    """The adapter's name (default: the active one) and the DoTA layers holding it."""
     layers = dota_layers(model)
     if not layers:
         raise MPOError(
@@ -218,13 +221,14 @@ def _adapted_layers(model: nn.Module, adapter_name: str | None) -> tuple[str, li
             "or mpo.adapt.load_adapter(model, path)"
         )
     name = adapter_name or layers[0][1].active_adapter
-    for qualified, layer in layers:
-        if name not in layer.dota_cores:
-            raise MPOError(
-                f"DoTA layer {qualified!r} has no adapter named {name!r}, only "
-                f"{sorted(layer.dota_cores)}; pass one of those as adapter_name"
-            )
-    return name, layers
+    holding = [(qualified, layer) for qualified, layer in layers if name in layer.dota_cores]
+    if not holding:
+        names = sorted({n for _, layer in layers for n in layer.dota_cores})
+        raise MPOError(
+            f"no DoTA layer has an adapter named {name!r}; the model's adapters are {names}: "
+            "pass one of those as adapter_name"
+        )
+    return name, holding
 
 
 def _base_model_name(model: nn.Module) -> str | None:
@@ -492,7 +496,11 @@ def load_adapter(
     *,
     strict: bool = True,
 ) -> nn.Module:
-    """Add the adapter saved at ``path`` to an untouched base ``model``, in place, and return it.
+    """Add the adapter saved at ``path`` to the base ``model``, in place, and return it.
+
+    ``model`` is the untouched base model, or one that already has DoTA
+    adapters (not QDoTA) of other names: the loaded adapter is added next to
+    them and made the active one (:func:`~mpo.adapt.set_adapter`).
 
     Everything is checked before the model changes: the folder and both files
     exist; the config parses, its method is ``"dota"`` and its format version
@@ -510,7 +518,7 @@ def load_adapter(
     :class:`~mpo.adapt.quant.QDoTALinear` does, and drop ``W0``, as ``wrap`` does.
 
     Parameters:
-        model: the base model the adapter was trained on, without DoTA layers.
+        model: the base model the adapter was trained on, possibly with other adapters.
         path: a folder written by :func:`save_adapter`.
         adapter_name: the name to load the adapter under (default: the saved one).
         strict: if False, tensors in the file that are not cores of the
@@ -520,12 +528,6 @@ def load_adapter(
         MPOError: any of the checks fails (the message names the file, module
             or tensor and what to do); the model is then left exactly as it was.
     """
-    existing = dota_layers(model)
-    if existing:
-        raise MPOError(
-            f"the model already has DoTA layers ({existing[0][0]}, ...); load_adapter needs the "
-            "untouched base model: call mpo.adapt.unwrap(model) first, or load a fresh base model"
-        )
     folder = Path(path)
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not folder.is_dir():
@@ -538,6 +540,8 @@ def load_adapter(
             )
     header = _read_header(config_file)
     name = check_adapter_name(adapter_name or header.adapter_name, "adapter_name")
+    if dota_layers(model):
+        check_can_add(model, name, header.config.quantize)
     modules = _find_modules(model, header, config_file)
     quantized = header.config.quantize == "nf4"
     if quantized:
@@ -557,6 +561,9 @@ def load_adapter(
             else None
         )
         init = "random" if initial is None else "dota"
+        if isinstance(base, DoTALinear):  # a model with adapters: one more on this layer
+            base.add_cores(name, cores, initial, rank=record.rank, init=init)
+            return base
         if quantized:
             return QDoTALinear.from_cores(
                 base,

@@ -261,15 +261,42 @@ class DoTALinear(nn.Module):
             "dtype": str(operator.dtype).removeprefix("torch."),
         }
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter (one is active at a time)."""
-        if adapter_name not in self.dota_cores:
+    def set_adapter(self, adapter_name: str, *, missing_ok: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter (one is active at a time) and its
+        cores the only trainable ones, as PEFT's ``set_adapter`` does.
+
+        With ``missing_ok``, a layer without that adapter accepts it too and computes
+        its base layer's output while it is active: how
+        :func:`mpo.adapt.set_adapter` treats the layers an adapter does not target.
+        """
+        if adapter_name not in self.dota_cores and not missing_ok:
             raise MPOError(
                 f"no adapter named {adapter_name!r}; this layer has {sorted(self.dota_cores)}"
             )
         if self.merged_adapters:
             raise MPOError("unmerge() before switching adapters")
         self.active_adapter = adapter_name
+        for name, cores in self.dota_cores.items():
+            cores.requires_grad_(name == adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter ``adapter_name`` (cores, ``T0`` and settings).
+
+        Deleting the active adapter leaves the layer computing its base layer's
+        output until another is set active.
+        """
+        if adapter_name not in self.dota_cores:
+            raise MPOError(
+                f"no adapter named {adapter_name!r}; this layer has {sorted(self.dota_cores)}"
+            )
+        if adapter_name in self.merged_adapters:
+            raise MPOError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
+        del self.dota_cores[adapter_name]
+        if adapter_name in self.dota_init:
+            del self.dota_init[adapter_name]
+        del self.adapter_settings[adapter_name]
+        del self._layouts[adapter_name]
+        self._pair_cache = None
 
     def enable_adapters(self, enabled: bool) -> None:
         """Turn the active adapter on or off; off gives the base layer's output bit for bit."""
@@ -306,7 +333,7 @@ class DoTALinear(nn.Module):
         output stays the adapted one. :meth:`unmerge` subtracts ``Delta`` again,
         which restores ``W0`` up to that rounding.
         """
-        if not self.merged:
+        if not self.merged and self.active_adapter in self.dota_cores:
             with torch.no_grad():
                 weight = self.base_layer.weight
                 delta = self.get_delta_weight().to(torch.float32)
@@ -335,9 +362,9 @@ class DoTALinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters or self.merged:
-            return self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
+        if self.disable_adapters or self.merged or name not in self.dota_cores:
+            return self.base_layer(x, *args, **kwargs)
         cores, init, layout = self.cores(name), self.initial_cores(name), self._layouts[name]
         strategy = self.strategy
         if strategy == "auto":
@@ -379,7 +406,9 @@ class DoTALinear(nn.Module):
         return cached[1]
 
     def extra_repr(self) -> str:
-        settings = self.adapter_settings[self.active_adapter]
+        settings = self.adapter_settings.get(self.active_adapter)
+        if settings is None:
+            return f"adapter={self.active_adapter!r} (not in this layer: base output)"
         return (
             f"adapter={self.active_adapter!r}, shape={tuple(map(tuple, settings['shape']))}, "
             f"ranks={tuple(settings['ranks'])}, init={settings['init']!r}"

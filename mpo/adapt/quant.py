@@ -409,9 +409,20 @@ class QDoTALinear(nn.Module):
         name = adapter_name or self.active_adapter
         return self.dota_init[name].tensors() if name in self.dota_init else None
 
-    def layout(self) -> Layout:
-        """The cores' shapes and the base weight's orientation (transposed for a ``Conv1D``)."""
+    def layout(self, adapter_name: str | None = None) -> Layout:
+        """The cores' shapes and the base weight's orientation (transposed for a ``Conv1D``);
+        ``adapter_name``, if given, is the layer's one adapter (as ``DoTALinear`` takes it)."""
         return Layout(self._update_layout.shapes, self._transposed)
+
+    def set_adapter(self, adapter_name: str, *, missing_ok: bool = False) -> None:
+        """Accept the layer's one adapter (its residual belongs to that adapter's ``T0``)
+        and make its cores trainable; ``missing_ok`` changes nothing here."""
+        if adapter_name != self.active_adapter:
+            raise MPOError(
+                f"no adapter named {adapter_name!r}: a QDoTA layer holds one, "
+                f"{self.active_adapter!r}"
+            )
+        self.dota_cores[adapter_name].requires_grad_(True)
 
     def enable_adapters(self, enabled: bool) -> None:
         """Off: the layer as at initialisation, ``x (Dequant(W_res) + MPO(T0))^T + b``."""

@@ -16,8 +16,9 @@ A name pattern is either
 
 ``exclude_modules`` uses the same rules and wins over ``target_modules``.
 :func:`find_targets` is shared by :func:`mpo.adapt.plan` and
-:func:`mpo.adapt.wrap`; skipping layers that already carry an adapter is
-``wrap``'s business, not this module's.
+:func:`mpo.adapt.wrap`. An adapter layer that keeps the linear layer it adapts
+as ``base_layer`` (a DoTA layer, or PEFT's convention) counts as that linear
+layer, under its own name, so that a second adapter finds the same targets.
 """
 
 from __future__ import annotations
@@ -43,12 +44,19 @@ def _linear_types() -> tuple[type[nn.Module], ...]:
     return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
+def _base(module: nn.Module) -> nn.Module:
+    """The linear layer an adapter layer wraps as ``base_layer``; any other module itself."""
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, _linear_types()) else module
+
+
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, _linear_types())
 
 
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every ``nn.Linear`` and ``Conv1D`` below ``model``, as ``(qualified name, module)``.
+    """Every ``nn.Linear`` and ``Conv1D`` below ``model``, as ``(qualified name, module)``;
+    an adapter layer stands for the one it wraps.
 
     The model itself is not listed even if it is linear: an adapter replaces
     a module inside its parent, and the root has none.
@@ -58,7 +66,13 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     >>> [name for name, _ in linear_modules(model)]
     ['0', '2']
     """
-    return [(name, module) for name, module in model.named_modules() if name and _is_linear(module)]
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    wrapped = {f"{name}.base_layer" for name, module in modules if _base(module) is not module}
+    return [
+        (name, module)
+        for name, module in modules
+        if _is_linear(_base(module)) and name not in wrapped
+    ]
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
@@ -68,6 +82,7 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
     >>> weight_shape(nn.Linear(1024, 4096))
     (4096, 1024)
     """
+    module = _base(module)
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     if _is_linear(module):  # Conv1D: weight is (in, out)
@@ -146,7 +161,7 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
         if excludes is None or not _matches(name, excludes, "exclude_modules")
     ]
     for name, module in selected:
-        if not _is_linear(module):
+        if not _is_linear(_base(module)):
             inner = _leaf_names(linear_modules(module))
             hint = (
                 f"target its linear layers ({', '.join(inner)}) instead"

@@ -40,9 +40,11 @@ from mpo.adapt.targets import find_targets, weight_shape
 from mpo.errors import MPOError
 
 __all__ = [
+    "delete_adapter",
     "dota_layers",
     "merge_and_unload",
     "print_trainable_parameters",
+    "set_adapter",
     "trainable_parameters",
     "unwrap",
     "wrap",
@@ -81,27 +83,108 @@ def install(
     adapter_name: str,
     config: DoTAConfig,
 ) -> None:
-    """Freeze ``model``, put ``build(name, module)`` in place of each target, and mark it
-    adapted (:func:`mark_adapted`); all or nothing.
+    """Put ``build(name, module)`` in place of each target, record the adapter
+    (:func:`mark_adapted`) and make it the active one (:func:`set_adapter`); all or
+    nothing.
 
+    On a model without adapters every parameter is frozen first. A target that is
+    already a DoTA layer gets the new adapter in place (``build`` returns it).
     If anything fails (a layer that cannot be decomposed, a corrupt tensor, an
-    interrupt), every replaced module is put back and the parameters get back
-    their ``requires_grad``, so the model is exactly as it was, then the error
-    propagates. The originals are kept until then, so this holds for QDoTA
-    layers too, which keep no ``W0`` of their own.
+    interrupt), every replaced module is put back, every adapter added in place
+    deleted, and the parameters get back their ``requires_grad``, so the model is
+    exactly as it was; then the error propagates. The originals are kept until
+    then, so this holds for QDoTA layers too, which keep no ``W0`` of their own.
     """
-    freeze_base(model)
-    replaced: list[tuple[str, nn.Module]] = []
+    first = not dota_layers(model)
+    if first:
+        freeze_base(model)
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
+    active = {name: layer.active_adapter for name, layer in dota_layers(model)}
+    done: list[tuple[str, nn.Module, nn.Module]] = []
     try:
         for name, module in targets:
-            replace_module(model, name, build(name, module))
-            replaced.append((name, module))
+            layer = build(name, module)
+            if layer is not module:
+                replace_module(model, name, layer)
+            done.append((name, module, layer))
         mark_adapted(model, adapter_name, config)
+        set_adapter(model, adapter_name)
     except BaseException:
-        for name, module in reversed(replaced):
-            replace_module(model, name, module)
-        _restore_base(model)
+        for name, module, layer in reversed(done):
+            if layer is module:  # an adapter added to a DoTA layer in place
+                layer.delete_adapter(adapter_name)
+            else:
+                replace_module(model, name, module)
+        if first:
+            _restore_base(model)
+        else:
+            model.dota_config.pop(adapter_name, None)
+            for name, layer in dota_layers(model):
+                layer.active_adapter = active[name]
+            for parameter, flag in trainable:
+                parameter.requires_grad_(flag)
         raise
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the active adapter of the model and its cores the only
+    trainable ones (PEFT's ``set_adapter``).
+
+    Layers the adapter does not target compute their base layer's output while
+    it is active.
+
+    Raises:
+        MPOError: the model has no adapter of that name (the message lists those
+            it has), or a layer is merged.
+    """
+    adapters = sorted(getattr(model, "dota_config", {}))
+    if adapter_name not in adapters:
+        raise MPOError(f"the model has no adapter named {adapter_name!r}; it has {adapters}")
+    for _, layer in dota_layers(model):
+        layer.set_adapter(adapter_name, missing_ok=True)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove the adapter ``adapter_name`` from every layer holding it.
+
+    Another adapter must be left, and the deleted one must not be the active one:
+    :func:`set_adapter` another first, or :func:`unwrap` to drop them all.
+    """
+    adapters = sorted(getattr(model, "dota_config", {}))
+    if adapter_name not in adapters:
+        raise MPOError(f"the model has no adapter named {adapter_name!r}; it has {adapters}")
+    layers = dota_layers(model)
+    if any(layer.active_adapter == adapter_name for _, layer in layers):
+        raise MPOError(
+            f"{adapter_name!r} is the active adapter; mpo.adapt.set_adapter(model, name) another "
+            "one first, or mpo.adapt.unwrap(model) to remove every adapter"
+        )
+    for _, layer in layers:
+        if adapter_name in layer.dota_cores:
+            layer.delete_adapter(adapter_name)
+    del model.dota_config[adapter_name]
+
+
+def check_can_add(model: nn.Module, adapter_name: str, quantize: str | None) -> None:
+    """Refuse to add an adapter to an adapted model where it cannot coexist."""
+    configs = getattr(model, "dota_config", {})
+    if adapter_name in configs:
+        raise MPOError(
+            f"the model already has an adapter named {adapter_name!r}; pass another "
+            "adapter_name, or mpo.adapt.delete_adapter / unwrap first"
+        )
+    layers = dota_layers(model)
+    quantized = [name for name, layer in layers if isinstance(layer, QDoTALinear)]
+    if quantized or quantize is not None:
+        where = quantized[0] if quantized else "the model"
+        raise MPOError(
+            f"{where} cannot take a second adapter with QDoTA: a 4-bit residual is "
+            "W0 - MPO(T0) of one adapter's T0. Reload the base model for another QDoTA "
+            "adapter, or add DoTA adapters to a model wrapped without quantize"
+        )
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise MPOError(f"{merged[0]} is merged; unmerge it before adding an adapter")
 
 
 def mark_adapted(model: nn.Module, adapter_name: str, config: DoTAConfig) -> None:
@@ -126,7 +209,7 @@ def mark_adapted(model: nn.Module, adapter_name: str, config: DoTAConfig) -> Non
     inference kernel, which has no backward (:func:`mpo.adapt.quant.keep_differentiable`),
     until :func:`unwrap` or :func:`merge_and_unload`.
     """
-    model.dota_config = {adapter_name: config}
+    model.dota_config = {**getattr(model, "dota_config", {}), adapter_name: config}
     if getattr(model, "is_quantized", False):
         model.is_quantized = False
         model._dota_quantized = True
@@ -195,6 +278,12 @@ def wrap(
 ) -> nn.Module:
     """Add DoTA adapters to ``model`` in place and return it with only the cores trainable.
 
+    On a model that already has DoTA adapters, this adds another one, under a
+    new ``adapter_name``, next to them: target layers that are DoTA layers get
+    it in place, other targets become DoTA layers holding only it. The new
+    adapter becomes the active one and the only one trainable
+    (:func:`set_adapter` switches; QDoTA layers hold one adapter only).
+
     A model loaded through a quantization config is marked so that
     transformers' ``Trainer`` trains it (:func:`mark_adapted`).
 
@@ -211,7 +300,9 @@ def wrap(
             ``progress=True``.
 
     Raises:
-        MPOError: a target is loaded in 8 bits, or in 4 bits without
+        MPOError: the model already has an adapter of that name, or QDoTA
+            layers (or ``quantize`` is given) while it has adapters; a target is
+            loaded in 8 bits, or in 4 bits without
             ``quantize="nf4"``, or has no values (meta device), or cannot be
             decomposed (e.g. NaN in its weight; the message names the module); the
             adapter name is not a module key. The model is then left exactly as it
@@ -232,13 +323,8 @@ def wrap(
     """
     resolved = resolve_config(config, overrides)
     check_adapter_name(adapter_name, "wrap")
-    existing = dota_layers(model)
-    if existing:
-        raise MPOError(
-            f"the model already has DoTA layers ({existing[0][0]}, ...); call "
-            "mpo.adapt.unwrap(model) first, or add an adapter to each layer with "
-            "layer.update_layer(name, rank=...)"
-        )
+    if dota_layers(model):
+        check_can_add(model, adapter_name, resolved.quantize)
     targets = find_targets(model, resolved)
     if resolved.quantize is not None:
         require_bitsandbytes()
@@ -257,6 +343,15 @@ def wrap(
 
     def build(name: str, module: nn.Module) -> nn.Module:
         try:
+            if isinstance(module, DoTALinear):  # a second adapter on the same layer
+                module.update_layer(
+                    adapter_name,
+                    rank=resolved.rank,
+                    shape=resolved.factor_shapes(*weight_shape(module)),
+                    init=resolved.init,
+                    dtype=resolved.dtype,
+                )
+                return module
             return kind(
                 module,
                 adapter_name,
@@ -308,7 +403,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Put the original layers back (unmerging first); the adapters are dropped.
+    """Put the original layers back (unmerging first); every adapter is dropped.
 
     A model that was never merged gets its base layers back untouched, so it
     computes exactly what it did before ``wrap``, its parameters get back the
@@ -335,7 +430,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
-    """Fold each adapter into its layer's weight and return the plain model.
+    """Fold the active adapter into each layer's weight and return the plain model
+    (other adapters are dropped; a layer without the active one gets its base back).
 
     The result has the original module types (``nn.Linear`` / ``Conv1D``), so
     a transformers model can be saved with ``save_pretrained`` and loaded with

@@ -1,0 +1,187 @@
+"""Several DoTA adapters on one model: adding, switching, saving, loading, deleting, merging.
+
+A tiny LLaMA gets adapter "a" on q_proj and v_proj, then adapter "b" on q_proj and
+k_proj: q_proj holds both, v_proj only "a", k_proj only "b".
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from conftest import TINY_LLAMA  # noqa: E402
+
+import mpo.adapt  # noqa: E402
+from mpo.adapt import (  # noqa: E402
+    DoTALinear,
+    delete_adapter,
+    load_adapter,
+    merge_and_unload,
+    save_adapter,
+    set_adapter,
+    unwrap,
+    wrap,
+)
+from mpo.errors import MPOError  # noqa: E402
+
+TOKENS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+A_TARGETS, B_TARGETS = ["q_proj", "v_proj"], ["q_proj", "k_proj"]
+
+
+def llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def train(model, steps: int = 2) -> None:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(TOKENS, labels=TOKENS).loss.backward()
+        optimizer.step()
+
+
+def add(model, name, targets, rank=4):
+    return wrap(
+        model, adapter_name=name, target_modules=targets, rank=rank, num_cores=3, quiet=True
+    )
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def layer(model, module: str) -> DoTALinear:
+    return model.get_submodule(f"model.layers.0.self_attn.{module}")
+
+
+@pytest.fixture
+def two_adapters():
+    """The model with "a" trained and "b" added (active, at initialisation)."""
+    model = add(llama(), "a", A_TARGETS)
+    train(model)
+    a_logits = logits(model)
+    add(model, "b", B_TARGETS, rank=2)
+    return model, a_logits
+
+
+def test_a_second_adapter_goes_where_its_targets_are(two_adapters):
+    model, _ = two_adapters
+    assert set(layer(model, "q_proj").dota_cores) == {"a", "b"}
+    assert set(layer(model, "v_proj").dota_cores) == {"a"}
+    assert set(layer(model, "k_proj").dota_cores) == {"b"}
+    assert isinstance(layer(model, "k_proj").base_layer, torch.nn.Linear)
+    assert set(model.dota_config) == {"a", "b"}
+    assert layer(model, "q_proj").adapter_settings["b"]["rank"] == 2
+
+
+def test_the_new_adapter_is_active_and_the_only_one_trained(two_adapters):
+    model, _ = two_adapters
+    names = trainable_names(model)
+    assert names
+    assert all(".dota_cores.b." in name for name in names)
+    assert all(m.active_adapter == "b" for _, m in mpo.adapt.dota_layers(model))
+
+
+def test_switching_adapters_switches_outputs(two_adapters):
+    model, a_logits = two_adapters
+    # "b" is at initialisation and "a" inactive: the base model's output, bit for bit
+    assert torch.equal(logits(model), logits(llama()))
+    set_adapter(model, "a")
+    assert torch.equal(logits(model), a_logits)  # k_proj, without "a", acts as its base
+    assert all(".dota_cores.a." in name for name in trainable_names(model))
+    with pytest.raises(MPOError, match=r"no adapter named 'c'; it has \['a', 'b'\]"):
+        set_adapter(model, "c")
+
+
+def test_each_adapter_saves_and_loads_on_its_own(two_adapters, tmp_path):
+    model, a_logits = two_adapters
+    train(model)  # "b" trained too
+    b_logits = logits(model)
+    save_adapter(model, tmp_path / "a", adapter_name="a")
+    save_adapter(model, tmp_path / "b")  # the active one
+    fresh = load_adapter(llama(), tmp_path / "a")
+    assert torch.equal(logits(fresh), a_logits)
+    load_adapter(fresh, tmp_path / "b")
+    assert fresh.get_submodule("model.layers.0.self_attn.k_proj").active_adapter == "b"
+    assert torch.equal(logits(fresh), b_logits)
+    set_adapter(fresh, "a")
+    assert torch.equal(logits(fresh), a_logits)
+
+
+def test_a_second_adapter_failing_halfway_changes_nothing(two_adapters, monkeypatch):
+    model, _ = two_adapters
+    set_adapter(model, "a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    real = DoTALinear.update_layer
+    calls = []
+
+    def fails_second_time(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DoTALinear, "update_layer", fails_second_time)
+    with pytest.raises(KeyboardInterrupt):
+        add(model, "c", ["q_proj", "k_proj", "v_proj"])
+    assert len(calls) == 2
+    assert set(model.dota_config) == {"a", "b"}
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(model.get_submodule(n) is m for n, m in modules.items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(m.active_adapter == "a" for _, m in mpo.adapt.dota_layers(model))
+
+
+def test_delete_adapter_removes_an_inactive_one(two_adapters, tmp_path):
+    model, a_logits = two_adapters
+    with pytest.raises(MPOError, match="'b' is the active adapter"):
+        delete_adapter(model, "b")
+    set_adapter(model, "a")
+    delete_adapter(model, "b")
+    assert set(model.dota_config) == {"a"}
+    assert all(set(m.dota_cores) <= {"a"} for _, m in mpo.adapt.dota_layers(model))
+    assert not any(".b." in key for key in model.state_dict())
+    assert torch.equal(logits(model), a_logits)
+    with pytest.raises(MPOError, match="no DoTA layer has an adapter named 'b'"):
+        save_adapter(model, tmp_path / "b", adapter_name="b")
+
+
+def test_merge_and_unload_folds_the_active_adapter(two_adapters):
+    model, a_logits = two_adapters
+    set_adapter(model, "a")
+    merged = merge_and_unload(model)
+    assert not mpo.adapt.dota_layers(merged)
+    assert not any("dota" in key for key in merged.state_dict())
+    torch.testing.assert_close(logits(merged), a_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unwrap_drops_every_adapter_bit_for_bit(two_adapters):
+    model, _ = two_adapters
+    base = llama()
+    unwrap(model)
+    assert model.state_dict().keys() == base.state_dict().keys()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("first", [None, "nf4"])
+def test_qdota_adapters_do_not_coexist(first):
+    if first:
+        pytest.importorskip("bitsandbytes")
+    model = wrap(llama(), quantize=first, rank=2, num_cores=3, quiet=True)
+    with pytest.raises(MPOError, match="cannot take a second adapter with QDoTA"):
+        wrap(model, adapter_name="other", quantize="nf4", rank=2, num_cores=3, quiet=True)
+    assert set(model.dota_config) == {"default"}
