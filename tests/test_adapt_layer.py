@@ -295,6 +295,17 @@ class TestBlocks:
             scale = reference.abs().max()
             assert (grad.float() - reference.float()).abs().max() <= 2e-2 * scale
 
+    def test_bfloat16_cores_leave_a_float32_product_in_float32(self):
+        # the halves carry the cores' rounding; W0 and the products must not get it too
+        torch.manual_seed(0)
+        layer = DoTALinear(linear(), rank=4, shape=SHAPE, dtype=torch.bfloat16)
+        perturb(layer)
+        x = torch.randn(10, 64)
+        (y, grads), (y_ref, grads_ref) = _step(layer, x, "dense"), _step(layer, x, "factored")
+        assert y.dtype == y_ref.dtype == torch.float32
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-5, atol=1e-5)
+
     @pytest.mark.parametrize("transposed", [False, True])
     def test_a_zero_w0_given_as_none_gives_the_update_alone(self, transposed):
         """QDoTA applies its residual apart and passes ``W0 = None``."""
@@ -495,18 +506,39 @@ def test_unwrap_restores_which_parameters_were_trainable():
     }
 
 
-def test_generation_after_an_optimizer_step_uses_the_new_cores():
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
+    # a fused step bumps no version counter
+    "adamw-fused": lambda params: torch.optim.AdamW(params, lr=0.1, fused=True),
+    "adamw-foreach": lambda params: torch.optim.AdamW(params, lr=0.1, foreach=True),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("training", ["dense", "factored"])
+@pytest.mark.parametrize("evaluate_before_step", [False, True])
+def test_generation_after_an_optimizer_step_uses_the_new_cores(
+    optimizer, training, evaluate_before_step
+):
     base = linear()
     layer = DoTALinear(base, rank=4, shape=SHAPE)
-    layer.strategy = "factored"
     x = torch.randn(1, 64)
-    with torch.no_grad():
-        before = layer(x)
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    step = OPTIMIZERS[optimizer]([p for p in layer.parameters() if p.requires_grad])
+
+    def generate():
+        layer.strategy = "factored"  # the path that caches the halves between calls
+        with torch.no_grad():
+            return layer(x)
+
+    before = generate()
+    layer.strategy = training
     layer(torch.randn(4, 64)).square().sum().backward()
-    optimizer.step()
+    if evaluate_before_step:  # e.g. a sample generated between backward and step
+        generate()
+    step.step()
+    step.zero_grad()
+    after = generate()
     with torch.no_grad():
-        after = layer(x)
         expected = x @ (base.weight + layer.get_delta_weight()).T + base.bias
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)

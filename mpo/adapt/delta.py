@@ -231,8 +231,10 @@ def _column_block(matrix: Any, a: Any, b: Any, start: int, stop: int, layout: La
 def _compute_dtype(a: Any, dtype: Any) -> Any:
     """The dtype blocks are rebuilt in for products in ``dtype``: bfloat16 products (the
     matrix units' dtype, with fp32's exponent range) stay in bfloat16, since the block
-    is rounded to it anyway; anything else in the cores' dtype (fp16 could underflow)."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else a.dtype
+    is rounded to it anyway; anything else in the wider of the cores' dtype and
+    ``dtype`` (fp16 could underflow, and float32 products must not see ``W0`` rounded
+    to bfloat16 cores)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.promote_types(a.dtype, dtype)
 
 
 @torch.no_grad()

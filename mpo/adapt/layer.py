@@ -363,6 +363,8 @@ class DoTALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self.active_adapter
+        if torch.is_grad_enabled():  # training: the cores are about to change (see _pair)
+            self._pair_cache = None
         if self.disable_adapters or self.merged or name not in self.dota_cores:
             return self.base_layer(x, *args, **kwargs)
         cores, init, layout = self.cores(name), self.initial_cores(name), self._layouts[name]
@@ -383,10 +385,13 @@ class DoTALinear(nn.Module):
         """``(A, B)`` with ``Delta = A @ B`` (:func:`mpo.adapt.delta.pair`); cached between
         calls without autograd.
 
-        Generation calls the layer once per token with unchanged cores; the cache
+        Generation calls the layer once per token with unchanged cores. The cache
         is keyed by the identities, dtypes and version counters of ``T`` and ``T0``,
-        which every in-place update (an optimizer step, ``load_state_dict``) bumps;
-        writes through ``.data`` bypass version counters and go unseen.
+        which in-place updates (``load_state_dict``, most optimizer steps) bump.
+        A fused optimizer step (``AdamW(fused=True)``, ``Trainer``'s default)
+        bumps none, so the cache is also dropped by every forward with autograd on
+        (training), and not used while a core holds a gradient (a step may follow).
+        Writes through ``.data`` bypass version counters and go unseen.
         """
 
         def compute() -> tuple:
@@ -394,7 +399,7 @@ class DoTALinear(nn.Module):
             with torch.autocast(cores[0].device.type, enabled=False):
                 return pair(cores, init, layout)
 
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or any(core.grad is not None for core in cores):
             self._pair_cache = None
             return compute()
         tensors = [*cores, *(init or [])]
