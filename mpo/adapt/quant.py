@@ -121,15 +121,20 @@ def unpack_cpu_layout(module: nn.Module) -> None:
     usual layout, in place, as bitsandbytes itself does before saving or moving to a gpu.
 
     bitsandbytes (0.50) repacks on the first forward in eval mode without grad on an
-    AVX512-BF16 cpu; the repacked kernel has no backward.
+    AVX512-BF16 cpu; the repacked kernel has no backward. The repacking stores the
+    block scales (``absmax``) as a transposed ``(in / 64, out)`` bfloat16 matrix; its
+    inverse restores them only for double quantization, so without it they are put
+    back here as the flat float32 vector the other kernels read (the bfloat16
+    rounding of the scales, up to 2^-9 relative, cannot be undone).
     """
     weight = module.weight
     state = getattr(weight, "quant_state", None)
     if state is not None and getattr(state, "packing_format_for_cpu", False):
         _, functional = require_bitsandbytes()
-        weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(
-            weight.data, state
-        )
+        weight.data, state = functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+        if not state.nested and state.absmax.dim() == 2:
+            state.absmax = state.absmax.T.reshape(-1).to(torch.float32).contiguous()
+        weight.quant_state = state
 
 
 def keep_differentiable(model: nn.Module) -> list[nn.Module]:
