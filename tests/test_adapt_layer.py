@@ -126,6 +126,18 @@ class TestSwitches:
         layer.enable_adapters(True)
         assert not torch.equal(layer(x), base(x))
 
+    def test_disabling_a_merged_layer_unmerges_it(self):
+        base = linear()
+        reference = linear()  # the same weights, never adapted
+        layer = DoTALinear(base, rank=4, shape=SHAPE)
+        perturb(layer)
+        x = torch.randn(3, 64)
+        with torch.no_grad():
+            layer.merge()
+            layer.enable_adapters(False)
+            assert not layer.merged
+            torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=1e-6)
+
     def test_merge_returns_the_base_layer_with_the_update_folded_in(self):
         layer = DoTALinear(linear(), rank=4, shape=SHAPE)
         perturb(layer)
@@ -456,6 +468,15 @@ class TestWrap:
         monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as on a terminal
         mpo.adapt.wrap(self.model(), rank=4, num_cores=3, quiet=quiet, progress=progress)
         assert ("DoTA: decomposing" in capsys.readouterr().err) is shown
+
+    @pytest.mark.parametrize("action", ["unwrap", "merge_and_unload"])
+    def test_undoing_a_model_without_adapters_is_an_error_that_changes_nothing(self, action):
+        model = self.model()
+        model.lm_head.weight.requires_grad_(False)
+        flags = [p.requires_grad for p in model.parameters()]
+        with pytest.raises(mpo.MPOError, match="has no DoTA layers, so there is nothing"):
+            getattr(mpo.adapt, action)(model)
+        assert [p.requires_grad for p in model.parameters()] == flags
 
     def test_no_matching_target_lists_the_linear_names(self):
         with pytest.raises(mpo.MPOError, match=r"lm_head.*q_proj.*v_proj"):

@@ -155,6 +155,28 @@ def test_plan_reads_a_config_without_weights(tiny_lm, tmp_path, capsys):
     assert "trainable params:" in out
 
 
+def test_plan_writes_its_json(tiny_lm, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    args = ["plan", str(tiny_lm), "--rank", "4", "--num-cores", "3", "--json", str(out)]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["rank"] == 4
+    assert data["trainable_params"] == sum(m["params"] for m in data["modules"])
+    assert data["trainable_params"] < data["total_params"]
+    assert f"trainable params: {data['trainable_params']:,d}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "config", ["{not json", '{"hidden_size": 8}', '{"model_type": "no-such-model"}']
+)
+def test_plan_names_an_unreadable_config(tmp_path, capsys, config):
+    (tmp_path / "config.json").write_text(config)
+    assert main(["plan", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mpo plan: error: transformers cannot read")
+    assert "Traceback" not in err
+
+
 def test_analyze_writes_tables_and_plots(tiny_lm, tmp_path, capsys):
     out = tmp_path / "analysis"
     status = main(

@@ -299,7 +299,13 @@ class DoTALinear(nn.Module):
         self._pair_cache = None
 
     def enable_adapters(self, enabled: bool) -> None:
-        """Turn the active adapter on or off; off gives the base layer's output bit for bit."""
+        """Turn the active adapter on or off; off gives the base layer's output bit for bit.
+
+        Turning off a merged layer unmerges it first (as PEFT does), which restores
+        ``W0`` up to the rounding of :meth:`unmerge`.
+        """
+        if not enabled and self.merged:
+            self.unmerge()
         self.disable_adapters = not enabled
 
     def cores(self, adapter_name: str | None = None) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +91,16 @@ class AdapterPlan:
     def trainable_share(self) -> float:
         """``trainable_params / total_params``, a fraction (``0.0015`` is 0.15 %)."""
         return self.trainable_params / self.total_params
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as JSON-ready data: the config, the totals and one entry per module."""
+        return {
+            "config": self.config.to_dict(),
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_share": self.trainable_share,
+            "modules": [asdict(m) for m in self.modules],
+        }
 
     def table(self) -> str:
         """One row per adapted matrix: name, shape, factors, bond ranks, parameters."""
@@ -172,7 +182,15 @@ def _as_model(model_or_config: Any) -> nn.Module:
                 "config, or a model"
             )
         auto_config = _transformers().AutoConfig
-        return _meta_model(auto_config.from_pretrained(folder, local_files_only=True))
+        try:
+            hf_config = auto_config.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:  # unreadable JSON, unknown model_type
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise MPOError(
+                f"transformers cannot read {folder / 'config.json'} ({first_line}); check that "
+                "it is a model's config.json with a known model_type"
+            ) from err
+        return _meta_model(hf_config)
     raise MPOError(
         f"plan() takes a torch module, a transformers config, or a folder holding a "
         f"config.json; got {type(model_or_config).__name__}"

@@ -402,6 +402,14 @@ def print_trainable_parameters(model: nn.Module) -> None:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
 
+def _require_layers(model: nn.Module, action: str) -> None:
+    if not dota_layers(model):
+        raise MPOError(
+            f"{type(model).__name__} has no DoTA layers, so there is nothing to {action}: it was "
+            "never wrapped, or is unwrapped or merged already (its parameters are left as they are)"
+        )
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Put the original layers back (unmerging first); every adapter is dropped.
 
@@ -411,10 +419,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     quantized again for transformers (:func:`mark_adapted`).
 
     Raises:
-        MPOError: the model has QDoTA layers, which hold a 4-bit residual instead
-            of ``W0`` and cannot give it back; reload the base model instead, or
-            keep the trained weights with :func:`merge_and_unload`.
+        MPOError: the model has no DoTA layers; or it has QDoTA layers, which hold a
+            4-bit residual instead of ``W0`` and cannot give it back; reload the
+            base model instead, or keep the trained weights with
+            :func:`merge_and_unload`.
     """
+    _require_layers(model, "unwrap")
     quantized = [name for name, layer in dota_layers(model) if isinstance(layer, QDoTALinear)]
     if quantized:
         raise MPOError(
@@ -443,6 +453,7 @@ def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
     dtype). A DoTA layer keeps its weight's dtype: ``W0 + Delta`` is rounded to
     it when merging.
     """
+    _require_layers(model, "merge_and_unload")
     for name, layer in dota_layers(model):
         quantized = isinstance(layer, QDoTALinear)
         replace_module(model, name, layer.merge_and_unload(dtype) if quantized else layer.merge())
