@@ -15,6 +15,7 @@ intermediate, the pairwise steps) so the choice can be inspected.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
@@ -53,6 +54,11 @@ class ContractionPlan:
         return int(self.info.largest_intermediate)
 
     def __call__(self, *operands: Any) -> Any:
+        torch = sys.modules.get("torch")  # imported by whoever passes torch tensors
+        if torch is not None and torch.compiler.is_compiling():
+            # torch.compile cannot trace opt_einsum's expression; the path is only an
+            # optimisation, and the compiler plans torch.einsum's contraction itself
+            return torch.einsum(self.equation, *operands)
         return self.expression(*operands)
 
     def __str__(self) -> str:

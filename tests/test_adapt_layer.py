@@ -478,6 +478,17 @@ class TestWrap:
             getattr(mpo.adapt, action)(model)
         assert [p.requires_grad for p in model.parameters()] == flags
 
+    def test_a_model_wrapped_under_inference_mode_runs_and_trains(self):
+        model = self.model()
+        x = torch.randn(3, 64)
+        with torch.inference_mode():
+            mpo.adapt.wrap(model, rank=4, num_cores=3, quiet=True)
+            inside = model(x)
+        assert not any(p.is_inference() for p in model.parameters())
+        torch.testing.assert_close(model(x), inside)
+        model(x).square().sum().backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
     def test_no_matching_target_lists_the_linear_names(self):
         with pytest.raises(mpo.MPOError, match=r"lm_head.*q_proj.*v_proj"):
             mpo.adapt.wrap(self.model(), target_modules=["c_attn"], quiet=True)

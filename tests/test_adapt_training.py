@@ -513,3 +513,24 @@ def test_gradient_checkpointing_gives_the_same_core_gradients(strategy, use_reen
     assert model.is_gradient_checkpointing
     lm_loss(model, ids).backward()
     assert_same_tensors(core_gradients(model), expected, rtol=1e-5, atol=1e-8)
+
+
+# -- 9. torch.compile --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["dense", "factored"])
+def test_torch_compile_traces_the_adapted_model(strategy):
+    # aot_eager: dynamo's tracing and autograd's graph, without inductor's compile time
+    model = adapted_model()
+    perturb_cores(model)
+    set_strategy(model, strategy)
+    ids = token_batch()
+    expected = lm_loss(model, ids)
+    expected.backward()
+    expected_grads = core_gradients(model)
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager")
+    loss = lm_loss(compiled, ids)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert_same_tensors(core_gradients(model), expected_grads, rtol=1e-4, atol=1e-6)

@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from mpo import report
@@ -103,7 +104,9 @@ def install(
     done: list[tuple[str, nn.Module, nn.Module]] = []
     try:
         for name, module in targets:
-            layer = build(name, module)
+            # cores made under torch.inference_mode could never be trained or versioned
+            with torch.inference_mode(False):
+                layer = build(name, module)
             if layer is not module:
                 replace_module(model, name, layer)
             done.append((name, module, layer))
