@@ -16,7 +16,7 @@ import mpo  # noqa: E402
 import mpo.adapt  # noqa: E402
 from mpo.adapt import QDoTALinear  # noqa: E402
 from mpo.adapt.delta import Layout, choose, delta_weight  # noqa: E402
-from mpo.adapt.quant import float_weight  # noqa: E402
+from mpo.adapt.quant import float_weight, is_4bit  # noqa: E402
 
 SHAPE = ((4, 4, 4, 4), (4, 4, 4, 4))
 WIDE_SHAPE = ((4, 4, 4, 2), (4, 4, 4, 4))  # a 128 x 256 (out x in) weight
@@ -476,6 +476,25 @@ class TestFourBitInput:
         assert type(q_proj) is torch.nn.Linear
         assert q_proj.weight.dtype == torch.float32  # the checkpoint's dtype
         assert torch.equal(q_proj.weight, expected)
+
+    def test_merged_4_bit_model_round_trips_through_save_pretrained(
+        self, tiny_llama_folder, tmp_path
+    ):
+        transformers = pytest.importorskip("transformers")
+        model, _ = wrap_4bit(load_in_4bit(tiny_llama_folder))
+        losses_over_adamw_steps(model, steps=2)  # T != T0
+        merged = mpo.adapt.merge_and_unload(model)
+        merged.save_pretrained(tmp_path / "merged")
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "merged", device_map="cpu"
+        )
+        attention = loaded.model.layers[0].self_attn
+        assert type(attention.q_proj) is torch.nn.Linear  # merged: plain
+        assert is_4bit(attention.o_proj)  # not a target: still 4 bits
+        assert type(loaded.lm_head) is torch.nn.Linear  # skipped by transformers' default
+        ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, merged(input_ids=ids).logits)
 
 
 class TestTrainerOnA4BitModel:

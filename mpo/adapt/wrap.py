@@ -454,11 +454,40 @@ def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
     if it adapted one) with weight ``Dequant(W_res) + MPO(T)``, rounded once to
     ``dtype`` (``"bfloat16"``, a torch dtype; default: the original weight's
     dtype). A DoTA layer keeps its weight's dtype: ``W0 + Delta`` is rounded to
-    it when merging.
+    it when merging. In a model loaded in 4 bits the merged layers are added to
+    its quantization config's ``llm_int8_skip_modules``, so that ``save_pretrained``
+    and ``from_pretrained`` give the same model back (merged layers plain, the
+    others in 4 bits).
     """
     _require_layers(model, "merge_and_unload")
+    merged_4bit = []
     for name, layer in dota_layers(model):
         quantized = isinstance(layer, QDoTALinear)
         replace_module(model, name, layer.merge_and_unload(dtype) if quantized else layer.merge())
+        if quantized:
+            merged_4bit.append(name)
+    if getattr(model, "_dota_quantized", False):
+        _keep_unquantized(model, merged_4bit)
     _restore_base(model)
     return model
+
+
+def _keep_unquantized(model: nn.Module, names: list[str]) -> None:
+    """Add the merged layers of a model loaded in 4 bits to its quantization config's
+    ``llm_int8_skip_modules``, so that ``from_pretrained`` of what ``save_pretrained``
+    writes loads them as the plain layers they now are (and the rest in 4 bits).
+
+    That list, once set, replaces the modules transformers skips by default (the
+    output head), which the loaded model's quantizer recorded: those are kept.
+    """
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    read = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    skipped = read("llm_int8_skip_modules") or getattr(quantizer, "modules_to_not_convert", None)
+    value = sorted({*(skipped or []), *names})
+    if isinstance(config, dict):
+        config["llm_int8_skip_modules"] = value
+    else:
+        config.llm_int8_skip_modules = value
