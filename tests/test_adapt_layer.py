@@ -489,6 +489,15 @@ class TestWrap:
         model(x).square().sum().backward()
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
+    def test_a_weight_tied_to_another_module_is_refused(self):
+        model = self.model()
+        model.add_module("embed", torch.nn.Embedding(10, 64))
+        model.embed.weight = model.lm_head.weight  # tied, as tie_word_embeddings does
+        with pytest.raises(mpo.MPOError, match=r"lm_head.weight is also embed.weight"):
+            mpo.adapt.wrap(model, target_modules=["q_proj", "lm_head"], rank=4, quiet=True)
+        assert not mpo.adapt.dota_layers(model)
+        assert all(p.requires_grad for p in model.parameters())
+
     def test_no_matching_target_lists_the_linear_names(self):
         with pytest.raises(mpo.MPOError, match=r"lm_head.*q_proj.*v_proj"):
             mpo.adapt.wrap(self.model(), target_modules=["c_attn"], quiet=True)
@@ -496,6 +505,13 @@ class TestWrap:
     def test_unknown_keyword_names_the_fields(self):
         with pytest.raises(mpo.MPOError, match="DoTAConfig fields are"):
             mpo.adapt.wrap(self.model(), lora_alpha=16, quiet=True)
+
+
+def test_numpy_integers_are_accepted_as_sizes():
+    np = pytest.importorskip("numpy")
+    config = DoTAConfig(rank=np.int64(8), num_cores=np.int32(3))
+    assert (config.rank, config.num_cores) == (8, 3)
+    assert type(config.rank) is int
 
 
 class TestConfigErrors:

@@ -294,6 +294,16 @@ def test_all_linear_leaves_out_a_module_named_lm_head():
     assert "lm_head" not in names
 
 
+def test_multihead_attention_out_proj_is_never_adapted():
+    # nn.MultiheadAttention reads out_proj.weight directly: an adapter there would never run
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    names = targeted(layer, target_modules="all-linear")
+    assert names == ["linear1", "linear2"]
+    with pytest.raises(MPOError, match=r"'self_attn.out_proj', the out_proj of a torch.nn.Multi"):
+        targeted(layer, target_modules=["out_proj", "linear1"])
+    assert targeted(layer, target_modules=["linear1"], exclude_modules=["out_proj"])
+
+
 def test_all_linear_leaves_out_the_models_output_embeddings(transformers):
     config = transformers.BertConfig(
         vocab_size=100,

@@ -80,7 +80,7 @@ from mpo.adapt.config import DoTAConfig, check_adapter_name
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
 from mpo.adapt.targets import linear_modules, weight_shape
-from mpo.adapt.wrap import check_can_add, check_target, dota_layers, install
+from mpo.adapt.wrap import check_can_add, check_target, check_untied, dota_layers, install
 from mpo.atomic import staged_folder, write_json
 from mpo.errors import MPOError
 from mpo.operator import MPO
@@ -543,6 +543,7 @@ def load_adapter(
     if dota_layers(model):
         check_can_add(model, name, header.config.quantize)
     modules = _find_modules(model, header, config_file)
+    check_untied(model, list(modules.items()))
     quantized = header.config.quantize == "nf4"
     if quantized:
         require_bitsandbytes()

@@ -8,6 +8,7 @@ config without the docs.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,14 +63,11 @@ class DoTAConfig:
     double_quant: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise MPOError(f"rank must be a positive integer, got {self.rank!r}")
-        if (
-            not isinstance(self.num_cores, int)
-            or isinstance(self.num_cores, bool)
-            or self.num_cores < 1
-        ):
-            raise MPOError(f"num_cores must be a positive integer, got {self.num_cores!r}")
+        for name in ("rank", "num_cores"):  # numpy integers too, stored as int
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise MPOError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.init not in _INITS:
             raise MPOError(f"init must be one of {_INITS}, got {self.init!r}")
         if self.dtype not in _DTYPES:

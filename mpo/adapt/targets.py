@@ -12,7 +12,9 @@ A name pattern is either
   or ends with ``"." + entry`` (so ``"q_proj"`` matches
   ``"model.layers.0.self_attn.q_proj"``),
 * a string: a regular expression that must match the whole qualified name, or
-* ``"all-linear"`` (targets only): every linear layer except the output head.
+* ``"all-linear"`` (targets only): every linear layer except the output head
+  (and ``nn.MultiheadAttention``'s ``out_proj``, whose weight that module reads
+  directly, so that an adapter in its place would never run).
 
 ``exclude_modules`` uses the same rules and wins over ``target_modules``.
 :func:`find_targets` is shared by :func:`mpo.adapt.plan` and
@@ -112,6 +114,20 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
+def _unused_when_wrapped(model: nn.Module) -> dict[str, str]:
+    """Linear layers whose parent reads their weight without calling them, so that an
+    adapter in their place would never run: ``nn.MultiheadAttention``'s ``out_proj``.
+    Maps each one's name to the reason."""
+    return {
+        f"{name}.out_proj" if name else "out_proj": (
+            f"the out_proj of a torch.nn.MultiheadAttention ({name or 'the model'}), which "
+            "reads its weight without calling it"
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
+
+
 def _leaf_names(modules: list[tuple[str, nn.Module]]) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, _ in modules})
 
@@ -142,12 +158,15 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
     ['q_proj', 'v_proj']
     """
     targets, excludes = config.target_modules, config.exclude_modules
+    unused = _unused_when_wrapped(model)
     if targets == "all-linear":
         head = _output_head(model)
         candidates = [
             (name, module)
             for name, module in linear_modules(model)
-            if module is not head and (head is not None or name.rsplit(".", 1)[-1] != "lm_head")
+            if module is not head
+            and (head is not None or name.rsplit(".", 1)[-1] != "lm_head")
+            and name not in unused
         ]
     else:
         candidates = [
@@ -161,6 +180,12 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
         if excludes is None or not _matches(name, excludes, "exclude_modules")
     ]
     for name, module in selected:
+        if name in unused:
+            raise MPOError(
+                f"target_modules={targets!r} matches {name!r}, {unused[name]}: an adapter there "
+                "would never run. Add it to exclude_modules (attention written with nn.Linear "
+                "projections, as in transformers models, can be adapted)"
+            )
         if not _is_linear(_base(module)):
             inner = _leaf_names(linear_modules(module))
             hint = (

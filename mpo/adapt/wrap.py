@@ -259,6 +259,23 @@ def check_target(name: str, module: nn.Module, quantize: str | None) -> None:
         )
 
 
+def check_untied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """Refuse targets whose weight another module shares (tied embeddings): the adapter
+    would compute the right thing, but merging would write its update into the other
+    module too (or untie them, which ``from_pretrained`` would undo)."""
+    owners: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(name)
+    for name, module in targets:
+        others = [n for n in owners.get(id(module.weight), []) if not n.startswith(f"{name}.")]
+        if others:
+            raise MPOError(
+                f"{name}.weight is also {others[0]} (tied weights, e.g. tie_word_embeddings): "
+                f"an adapter on {name} would be merged into {others[0]} too. Leave {name} out "
+                "of target_modules (or add it to exclude_modules)"
+            )
+
+
 def _warn_4bit(names: list[str]) -> None:
     warnings.warn(
         f"{len(names)} target layers ({names[0]}, ...) were loaded in 4 bits, so their W0 "
@@ -329,6 +346,7 @@ def wrap(
     if dota_layers(model):
         check_can_add(model, adapter_name, resolved.quantize)
     targets = find_targets(model, resolved)
+    check_untied(model, targets)
     if resolved.quantize is not None:
         require_bitsandbytes()
     for name, module in targets:  # fail before anything changes
