@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -348,11 +349,16 @@ def test_failed_swap_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
     assert torch.equal(logits(load_adapter(llama(), tmp_path / "adapter")), old)
 
 
-def test_save_refuses_a_folder_holding_other_files(trained_llama, tmp_path):
-    (tmp_path / "README.md").write_text("mine")
-    with pytest.raises(MPOError, match=r"README\.md"):
+@pytest.mark.parametrize("other", ["README.md", CONFIG_NAME])
+def test_save_refuses_a_folder_holding_other_files(trained_llama, tmp_path, other):
+    # a folder named like a checkpoint file is someone else's too
+    if other == CONFIG_NAME:
+        (tmp_path / other).mkdir()
+    else:
+        (tmp_path / other).write_text("mine")
+    with pytest.raises(MPOError, match=re.escape(other)):
         save_adapter(trained_llama[0], tmp_path)
-    assert os.listdir(tmp_path) == ["README.md"]
+    assert os.listdir(tmp_path) == [other]
 
 
 @pytest.mark.parametrize("where", [".", ".."])

@@ -275,7 +275,9 @@ def _check_target(target: Path) -> None:
         )
     if target.is_dir():
         others = sorted(
-            p.name for p in target.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME)
+            p.name
+            for p in target.iterdir()
+            if p.name not in (CONFIG_NAME, WEIGHTS_NAME) or not p.is_file() or p.is_symlink()
         )
         if others:
             raise MPOError(
