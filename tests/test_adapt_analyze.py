@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import json
@@ -15,6 +16,7 @@ from conftest import TINY_LLAMA  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 import mpo  # noqa: E402
+import mpo.adapt  # noqa: E402
 from mpo.adapt import Analysis, DoTAConfig, analyze, plan  # noqa: E402
 from mpo.errors import MPOError  # noqa: E402
 
@@ -137,6 +139,14 @@ def test_conv1d_weights_are_analyzed_as_out_x_in():
     expected = mpo.unfolding_spectra(weight.T, (row.row_factors, row.col_factors))
     for values, reference in zip(result.spectra[row.module], expected, strict=True):
         np.testing.assert_allclose(values, reference.numpy(), rtol=1e-10)
+
+
+def test_a_wrapped_model_is_analyzed_as_its_base_model(llama, result):
+    # k_proj, v_proj (GQA), up_proj and down_proj are not square: a transpose would show
+    wrapped = mpo.adapt.wrap(copy.deepcopy(llama), rank=2, num_cores=3, quiet=True)
+    again = analyze(wrapped, ranks=RANKS, progress=False)
+    assert [row.module for row in again.rows] == [row.module for row in result.rows]
+    assert [row.mpo_error for row in again.rows] == [row.mpo_error for row in result.rows]
 
 
 def test_a_bfloat16_model_is_analyzed_in_float32():

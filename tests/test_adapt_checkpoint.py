@@ -687,3 +687,18 @@ def test_save_refuses_layers_the_config_does_not_describe(tmp_path):
     with pytest.raises(MPOError, match=rf"{FIRST} has quantize='nf4', double_quant=True"):
         save_adapter(model, tmp_path / "adapter")
     assert os.listdir(tmp_path) == []
+
+
+def test_load_refuses_an_adapter_for_multihead_attention_out_proj(tmp_path):
+    # saved from a look-alike whose out_proj is called; MultiheadAttention never calls it
+    torch.manual_seed(0)
+    look_alike = torch.nn.Module()
+    look_alike.self_attn = torch.nn.Module()
+    look_alike.self_attn.out_proj = torch.nn.Linear(32, 32)
+    wrap(look_alike, target_modules=["out_proj"], rank=2, num_cores=2, quiet=True)
+    save_adapter(look_alike, tmp_path / "adapter")
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    before = snapshot(layer)
+    with pytest.raises(MPOError, match=r"'self_attn.out_proj', the out_proj of a torch.nn.Mult"):
+        load_adapter(layer, tmp_path / "adapter")
+    assert_untouched(layer, before)

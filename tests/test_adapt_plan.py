@@ -294,6 +294,14 @@ def test_all_linear_leaves_out_a_module_named_lm_head():
     assert "lm_head" not in names
 
 
+def test_another_librarys_adapter_layer_is_not_a_linear_target():
+    # a PEFT LoRA layer computes more than its base_layer: adapting it as one would be wrong
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(toy_model(), peft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(MPOError, match=r"DoTA adapts only nn.Linear and Conv1D.*base_layer"):
+        targeted(model, target_modules=["q_proj"])
+
+
 def test_multihead_attention_out_proj_is_never_adapted():
     # nn.MultiheadAttention reads out_proj.weight directly: an adapter there would never run
     layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)

@@ -39,7 +39,7 @@ from torch import nn
 import mpo
 from mpo import report
 from mpo.adapt.config import DoTAConfig, resolve_config
-from mpo.adapt.targets import find_targets, weight_shape
+from mpo.adapt.targets import base_linear, find_targets, weight_shape
 from mpo.atomic import write_bytes
 from mpo.errors import MPOError
 
@@ -284,7 +284,9 @@ def _check_ranks(ranks: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def _working_copy(name: str, module: nn.Module) -> torch.Tensor:
-    """The ``(out, in)`` weight as float32 (float64 if stored so), on the layer's device."""
+    """The ``(out, in)`` weight as float32 (float64 if stored so), on the layer's device
+    (a DoTA layer's: its base layer's ``W0``)."""
+    module = base_linear(module)
     weight = module.weight
     if weight.is_meta:
         raise MPOError(

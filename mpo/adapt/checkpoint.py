@@ -79,7 +79,7 @@ import mpo
 from mpo.adapt.config import DoTAConfig, check_adapter_name
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
-from mpo.adapt.targets import linear_modules, weight_shape
+from mpo.adapt.targets import linear_modules, unused_when_wrapped, weight_shape
 from mpo.adapt.wrap import check_can_add, check_target, check_untied, dota_layers, install
 from mpo.atomic import staged_folder, write_json
 from mpo.errors import MPOError
@@ -416,8 +416,11 @@ def _find_modules(model: nn.Module, header: _Header, file: Path) -> dict[str, nn
         if header.base_model
         else "load it into the model it was trained on"
     )
+    unused = unused_when_wrapped(model)
     found = {}
     for name, record in header.records.items():
+        if name in unused:
+            raise MPOError(f"{file} adapts {name!r}, {unused[name]}: an adapter there never runs")
         module = linear.get(name)
         if module is None:
             kind = next((type(m).__name__ for n, m in model.named_modules() if n == name), None)

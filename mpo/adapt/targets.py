@@ -18,9 +18,9 @@ A name pattern is either
 
 ``exclude_modules`` uses the same rules and wins over ``target_modules``.
 :func:`find_targets` is shared by :func:`mpo.adapt.plan` and
-:func:`mpo.adapt.wrap`. An adapter layer that keeps the linear layer it adapts
-as ``base_layer`` (a DoTA layer, or PEFT's convention) counts as that linear
-layer, under its own name, so that a second adapter finds the same targets.
+:func:`mpo.adapt.wrap`. A DoTA layer counts as the linear layer it adapts (its
+``base_layer``), under its own name, so that a second adapter finds the same
+targets.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import nn
 from mpo.adapt.config import DoTAConfig
 from mpo.errors import MPOError
 
-__all__ = ["find_targets", "linear_modules", "weight_shape"]
+__all__ = ["base_linear", "find_targets", "linear_modules", "unused_when_wrapped", "weight_shape"]
 
 
 def _linear_types() -> tuple[type[nn.Module], ...]:
@@ -46,10 +46,16 @@ def _linear_types() -> tuple[type[nn.Module], ...]:
     return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
-def _base(module: nn.Module) -> nn.Module:
-    """The linear layer an adapter layer wraps as ``base_layer``; any other module itself."""
+def base_linear(module: nn.Module) -> nn.Module:
+    """The linear layer a DoTA layer adapts (its ``base_layer``); any other module itself.
+
+    Only DoTA layers (which hold ``dota_cores`` next to a linear ``base_layer``) are
+    seen through: another library's wrapper computes more than its base layer.
+    """
     base = getattr(module, "base_layer", None)
-    return base if isinstance(base, _linear_types()) else module
+    if hasattr(module, "dota_cores") and isinstance(base, _linear_types()):
+        return base
+    return module
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -58,7 +64,7 @@ def _is_linear(module: nn.Module) -> bool:
 
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every ``nn.Linear`` and ``Conv1D`` below ``model``, as ``(qualified name, module)``;
-    an adapter layer stands for the one it wraps.
+    a DoTA layer stands for the one it adapts.
 
     The model itself is not listed even if it is linear: an adapter replaces
     a module inside its parent, and the root has none.
@@ -69,11 +75,13 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ['0', '2']
     """
     modules = [(name, module) for name, module in model.named_modules() if name]
-    wrapped = {f"{name}.base_layer" for name, module in modules if _base(module) is not module}
+    wrapped = {
+        f"{name}.base_layer" for name, module in modules if base_linear(module) is not module
+    }
     return [
         (name, module)
         for name, module in modules
-        if _is_linear(_base(module)) and name not in wrapped
+        if _is_linear(base_linear(module)) and name not in wrapped
     ]
 
 
@@ -84,7 +92,7 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
     >>> weight_shape(nn.Linear(1024, 4096))
     (4096, 1024)
     """
-    module = _base(module)
+    module = base_linear(module)
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     if _is_linear(module):  # Conv1D: weight is (in, out)
@@ -114,7 +122,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
-def _unused_when_wrapped(model: nn.Module) -> dict[str, str]:
+def unused_when_wrapped(model: nn.Module) -> dict[str, str]:
     """Linear layers whose parent reads their weight without calling them, so that an
     adapter in their place would never run: ``nn.MultiheadAttention``'s ``out_proj``.
     Maps each one's name to the reason."""
@@ -158,7 +166,7 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
     ['q_proj', 'v_proj']
     """
     targets, excludes = config.target_modules, config.exclude_modules
-    unused = _unused_when_wrapped(model)
+    unused = unused_when_wrapped(model)
     if targets == "all-linear":
         head = _output_head(model)
         candidates = [
@@ -186,7 +194,7 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
                 "would never run. Add it to exclude_modules (attention written with nn.Linear "
                 "projections, as in transformers models, can be adapted)"
             )
-        if not _is_linear(_base(module)):
+        if not _is_linear(base_linear(module)):
             inner = _leaf_names(linear_modules(module))
             hint = (
                 f"target its linear layers ({', '.join(inner)}) instead"
