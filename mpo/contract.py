@@ -15,6 +15,7 @@ intermediate, the pairwise steps) so the choice can be inspected.
 from __future__ import annotations
 
 import functools
+import string
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from math import prod
 from typing import Any
 
 import opt_einsum
+
+from mpo.errors import MPOError
 
 __all__ = ["ContractionPlan", "apply_plan", "core_shapes", "dense_plan", "half_plans"]
 
@@ -58,11 +61,24 @@ class ContractionPlan:
         if torch is not None and torch.compiler.is_compiling():
             # torch.compile cannot trace opt_einsum's expression; the path is only an
             # optimisation, and the compiler plans torch.einsum's contraction itself
-            return torch.einsum(self.equation, *operands)
+            return torch.einsum(_letters(self.equation), *operands)
         return self.expression(*operands)
 
     def __str__(self) -> str:
         return str(self.info)
+
+
+def _letters(equation: str) -> str:
+    """``equation`` with its index symbols renamed to ASCII letters, the only ones
+    ``torch.einsum`` takes (opt_einsum's symbols go beyond ``z``, ``Z`` past 52)."""
+    symbols = list(dict.fromkeys(c for c in equation if c not in ",->"))
+    if len(symbols) > len(string.ascii_letters):
+        raise MPOError(
+            f"torch.compile can trace contractions of at most {len(string.ascii_letters)} "
+            f"indices, this one has {len(symbols)} (about 17 or more cores): use fewer cores"
+        )
+    letters = string.ascii_letters[: len(symbols)]
+    return equation.translate(str.maketrans(dict(zip(symbols, letters, strict=True))))
 
 
 def _core_symbols(n: int) -> tuple[list[str], list[str], list[str]]:

@@ -185,3 +185,71 @@ def test_qdota_adapters_do_not_coexist(first):
     with pytest.raises(MPOError, match="cannot take a second adapter with QDoTA"):
         wrap(model, adapter_name="other", quantize="nf4", rank=2, num_cores=3, quiet=True)
     assert set(model.dota_config) == {"default"}
+
+
+def test_deleting_a_layers_only_adapter_gives_back_its_plain_layer(two_adapters):
+    model, _ = two_adapters
+    set_adapter(model, "a")
+    delete_adapter(model, "b")
+    k_proj = layer(model, "k_proj")  # held only "b"
+    assert type(k_proj) is torch.nn.Linear
+    assert not k_proj.weight.requires_grad
+
+
+def test_a_layer_asked_for_an_adapter_it_lacks_names_the_ones_it_has(two_adapters):
+    model, _ = two_adapters
+    set_adapter(model, "a")
+    k_proj = layer(model, "k_proj")
+    for method in (k_proj.cores, k_proj.initial_cores, k_proj.layout, k_proj.get_delta_weight):
+        with pytest.raises(MPOError, match=r"no adapter named 'a', only \['b'\]"):
+            method()
+    assert "not in this layer" in repr(k_proj)
+
+
+def test_set_adapter_on_a_model_with_a_merged_layer_changes_nothing(two_adapters):
+    model, _ = two_adapters
+    set_adapter(model, "a")
+    layer(model, "v_proj").merge()  # holds "a"; q_proj and k_proj come first in model order
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(MPOError, match="v_proj is merged"):
+        set_adapter(model, "b")
+    assert all(m.active_adapter == "a" for _, m in mpo.adapt.dota_layers(model))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_an_adapter_failing_inside_a_layer_leaves_no_trace(two_adapters, monkeypatch):
+    model, _ = two_adapters
+    q_proj = layer(model, "q_proj")
+    keys = sorted(model.state_dict())
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(mpo.adapt.layer, "_Cores", out_of_memory)  # after T is built
+    with pytest.raises(RuntimeError, match="simulated"):
+        add(model, "c", ["q_proj"])
+    assert set(q_proj.dota_cores) == set(q_proj.adapter_settings) == {"a", "b"}
+    assert sorted(model.state_dict()) == keys
+    monkeypatch.undo()
+    add(model, "c", ["q_proj"])  # the name is free
+    assert set(q_proj.dota_cores) == {"a", "b", "c"}
+
+
+def test_update_layer_adds_an_inactive_frozen_adapter():
+    base = torch.nn.Linear(64, 64)
+    single = DoTALinear(base, rank=4, shape=((4, 4, 4), (4, 4, 4)))
+    single.update_layer("other", rank=2, shape=((4, 4, 4), (4, 4, 4)))
+    assert single.active_adapter == "default"
+    assert all(p.requires_grad for p in single.dota_cores["default"])
+    assert not any(p.requires_grad for p in single.dota_cores["other"])
+    single.set_adapter("other")
+    assert not any(p.requires_grad for p in single.dota_cores["default"])
+    assert all(p.requires_grad for p in single.dota_cores["other"])
+
+
+@pytest.mark.parametrize("name", ["training", "update", "keys"])
+def test_adapter_names_that_are_module_dict_attributes_are_refused(name):
+    model = llama()
+    with pytest.raises(MPOError, match=f"{name}' is an attribute of torch's ModuleDict"):
+        add(model, name, A_TARGETS)
+    assert not mpo.adapt.dota_layers(model)

@@ -264,3 +264,18 @@ class TestBadInput:
         m = random_mpo(((2, 3), (3, 2)), 2, 0)
         with pytest.raises(TypeError):
             m @ m
+
+
+def test_equations_are_renamed_to_letters_for_torch_einsum():
+    # opt_einsum's symbols go past z and Z; torch.einsum (used while compiling) takes letters
+    from mpo.contract import _letters, dense_plan
+
+    plan = dense_plan(tuple((1 if k == 0 else 2, 2, 2, 1 if k == 19 else 2) for k in range(20)))
+    assert not plan.equation.isascii()
+    with pytest.raises(mpo.MPOError, match="at most 52 indices"):
+        _letters(plan.equation)
+    small = dense_plan(((1, 2, 3, 2), (2, 4, 5, 1)))
+    renamed = _letters(small.equation)
+    assert renamed.replace(",", "").replace("->", "").isalpha()
+    operands = [np.random.default_rng(k).normal(size=s) for k, s in enumerate(small.shapes)]
+    np.testing.assert_allclose(np.einsum(renamed, *operands), small(*operands))

@@ -290,7 +290,8 @@ def _check_target(target: Path) -> None:
 def save_adapter(
     model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None
 ) -> None:
-    """Write the adapter ``adapter_name`` (default: the active one) of a wrapped model to ``path``.
+    """Write the adapter ``adapter_name`` (default: the active one) of a wrapped model to ``path``
+    (the layers holding it: an adapter need not target every DoTA layer).
 
     ``path`` becomes a folder with ``adapter_config.json`` and
     ``adapter_model.safetensors`` (format in the module docstring). It is
@@ -306,7 +307,7 @@ def save_adapter(
     residual: :func:`load_adapter` rebuilds it from the base weights.
 
     Raises:
-        MPOError: the model has no DoTA layers, a layer lacks the adapter, the
+        MPOError: the model has no DoTA layers, no layer holds the adapter, the
             model has no ``dota_config`` for it or a layer's quantization
             disagrees with it, a core holds NaN or Inf (the checkpoint could not
             be loaded), or ``path`` holds other files.
@@ -602,7 +603,7 @@ def export_delta(model: nn.Module, adapter_name: str | None = None) -> dict[str,
     device, in its dtype: later training does not change them.
 
     Raises:
-        MPOError: the model has no DoTA layers, or a layer lacks the adapter.
+        MPOError: the model has no DoTA layers, or none holds the adapter.
     """
     name, layers = _adapted_layers(model, adapter_name)
     deltas = {}

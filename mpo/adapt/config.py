@@ -137,6 +137,13 @@ def check_adapter_name(name: Any, where: str) -> str:
             f"{where}: adapter name {name!r} must be a non-empty string without '.'; "
             "pass adapter_name='default' (or another such name)"
         )
+    from torch import nn
+
+    if hasattr(nn.ModuleDict(), name):
+        raise MPOError(
+            f"{where}: adapter name {name!r} is an attribute of torch's ModuleDict, which holds "
+            "the adapters; pick another name"
+        )
     return name
 
 

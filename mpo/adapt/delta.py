@@ -307,7 +307,8 @@ class _DenseDelta(torch.autograd.Function):
                 if w0 is None:  # W0 = 0: a weight-sized zero, within the block budget
                     shape = (layout.out_features, layout.in_features)
                     w0 = cores[0].new_zeros(shape[::-1] if layout.transposed else shape)
-                merged = _merged(w0, *pair(cores, init, layout), layout)
+                a, b = (t.to(dtype) for t in pair(cores, init, layout))
+                merged = _merged(w0, a, b, layout)
                 y = _linear(rows, merged.to(rows.dtype), bias, layout.transposed)
             elif weight is not None and is_zero(cores, init):
                 # a blocked product may round differently from the base layer's one

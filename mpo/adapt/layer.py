@@ -166,6 +166,8 @@ class DoTALinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.strategy = "auto"
+        self._pair_cache = None
+        self._awaiting_backward = False  # see _pair
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
 
@@ -241,25 +243,33 @@ class DoTALinear(nn.Module):
             tuple(int(c.shape[2]) for c in cores),
         )
         operator = checked_operator(cores, self.out_features, self.in_features)
-        self.dota_cores[adapter_name] = nn.ParameterList(
+        # everything is built before anything is stored, so a failure adds nothing
+        trained = nn.ParameterList(
             [
                 nn.Parameter(core.detach().clone(memory_format=torch.contiguous_format))
                 for core in cores
             ]
         )
+        # trainable if active; another adapter is switched to with set_adapter, as in PEFT
+        trained.requires_grad_(adapter_name == self.active_adapter)
+        initial = None
         if initial_cores is not None:
-            self.dota_init[adapter_name] = _Cores(
+            initial = _Cores(
                 [c.detach().clone(memory_format=torch.contiguous_format) for c in initial_cores]
             )
         shapes = tuple(tuple(int(d) for d in core.shape) for core in cores)
-        self._layouts[adapter_name] = Layout(shapes, self._transposed)
-        self.adapter_settings[adapter_name] = {
+        settings = {
             "rank": rank,
             "shape": [list(shape[0]), list(shape[1])],
             "ranks": list(operator.ranks),
             "init": init,
             "dtype": str(operator.dtype).removeprefix("torch."),
         }
+        self.dota_cores[adapter_name] = trained
+        if initial is not None:
+            self.dota_init[adapter_name] = initial
+        self._layouts[adapter_name] = Layout(shapes, self._transposed)
+        self.adapter_settings[adapter_name] = settings
 
     def set_adapter(self, adapter_name: str, *, missing_ok: bool = False) -> None:
         """Make ``adapter_name`` the active adapter (one is active at a time) and its
@@ -308,18 +318,28 @@ class DoTALinear(nn.Module):
             self.unmerge()
         self.disable_adapters = not enabled
 
+    def _held(self, adapter_name: str | None) -> str:
+        """``adapter_name`` (default: the active one), which this layer must hold."""
+        name = adapter_name or self.active_adapter
+        if name not in self.dota_cores:
+            raise MPOError(
+                f"this layer has no adapter named {name!r}, only {sorted(self.dota_cores)} (the "
+                "active adapter need not target every layer; pass one of those)"
+            )
+        return name
+
     def cores(self, adapter_name: str | None = None) -> list[torch.Tensor]:
         """The trainable cores ``T`` of an adapter (default: the active one)."""
-        return list(self.dota_cores[adapter_name or self.active_adapter])
+        return list(self.dota_cores[self._held(adapter_name)])
 
     def initial_cores(self, adapter_name: str | None = None) -> list[torch.Tensor] | None:
         """The frozen initial cores ``T0`` (``None`` for random init, where ``MPO(T0) = 0``)."""
-        name = adapter_name or self.active_adapter
+        name = self._held(adapter_name)
         return self.dota_init[name].tensors() if name in self.dota_init else None
 
     def layout(self, adapter_name: str | None = None) -> Layout:
         """How the adapter's cores sit in the weight (fixed when the adapter is added)."""
-        return self._layouts[adapter_name or self.active_adapter]
+        return self._layouts[self._held(adapter_name)]
 
     # -- PEFT-style merging ------------------------------------------------------------
 
@@ -340,21 +360,31 @@ class DoTALinear(nn.Module):
         which restores ``W0`` up to that rounding.
         """
         if not self.merged and self.active_adapter in self.dota_cores:
-            with torch.no_grad():
-                weight = self.base_layer.weight
-                delta = self.get_delta_weight().to(torch.float32)
-                weight.copy_((weight.to(torch.float32) + delta).to(weight.dtype))
+            self._fold(self.active_adapter, 1)
             self.merged_adapters.append(self.active_adapter)
         return self.base_layer
 
     def unmerge(self) -> None:
         """Subtract the merged update from the base weight again."""
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with torch.no_grad():
-                weight = self.base_layer.weight
-                delta = self.get_delta_weight(name).to(torch.float32)
-                weight.copy_((weight.to(torch.float32) - delta).to(weight.dtype))
+            self._fold(self.merged_adapters.pop(), -1)
+
+    @torch.no_grad()
+    def _fold(self, adapter_name: str, sign: int) -> None:
+        """``W <- W + sign * Delta``, computed in float32 at least (bfloat16 cores'
+        products would round ``Delta``), rounded once to the weight's dtype."""
+
+        def wide(tensors: list | None) -> list | None:
+            if tensors is None:
+                return None
+            return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+
+        name = self._held(adapter_name)
+        cores, init = wide(self.cores(name)), wide(self.initial_cores(name))
+        delta = delta_weight(cores, init, self.layout(name))
+        weight = self.base_layer.weight
+        total = weight.to(torch.promote_types(weight.dtype, delta.dtype)) + sign * delta
+        weight.copy_(total.to(weight.dtype))
 
     # -- forward -------------------------------------------------------------------
 
@@ -375,17 +405,23 @@ class DoTALinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         cores, init, layout = self.cores(name), self.initial_cores(name), self._layouts[name]
         strategy = self.strategy
+        training = torch.is_grad_enabled() and any(core.requires_grad for core in cores)
         if strategy == "auto":
             rows = math.prod(x.shape[:-1])
-            training = torch.is_grad_enabled() and cores[0].requires_grad
             strategy = choose(rows, layout, training=training, with_init=init is not None)
         if strategy == "dense":
-            return dense_forward(
-                x, self.base_layer.weight, self.base_layer.bias, cores, init, layout
-            )
-        result = self.base_layer(x, *args, **kwargs)
-        delta = factored_delta(x, *self._pair(cores, init, layout), layout)
-        return result + delta.to(result.dtype)
+            y = dense_forward(x, self.base_layer.weight, self.base_layer.bias, cores, init, layout)
+        else:
+            y = self.base_layer(x, *args, **kwargs)
+            y = y + factored_delta(x, *self._pair(cores, init, layout), layout).to(y.dtype)
+        if training:
+            self._awaiting_backward = True
+            y.register_hook(self._backward_reached)
+        return y
+
+    def _backward_reached(self, grad: torch.Tensor) -> None:
+        """Hook on a training output: its backward has begun (see :meth:`_pair`)."""
+        self._awaiting_backward = False
 
     def _pair(self, cores: list, init: list | None, layout: Layout) -> tuple:
         """``(A, B)`` with ``Delta = A @ B`` (:func:`mpo.adapt.delta.pair`); cached between
@@ -396,8 +432,10 @@ class DoTALinear(nn.Module):
         which in-place updates (``load_state_dict``, most optimizer steps) bump.
         A fused optimizer step (``AdamW(fused=True)``, ``Trainer``'s default)
         bumps none, so the cache is also dropped by every forward with autograd on
-        (training), and not used while a core holds a gradient (a step may follow).
-        Writes through ``.data`` bypass version counters and go unseen.
+        (training), and neither filled nor used from such a forward until its
+        backward has begun, nor while a core holds a gradient: an optimizer step
+        may come then. Writes through ``.data`` bypass version counters and go
+        unseen.
         """
 
         def compute() -> tuple:
@@ -405,12 +443,16 @@ class DoTALinear(nn.Module):
             with torch.autocast(cores[0].device.type, enabled=False):
                 return pair(cores, init, layout)
 
-        if torch.is_grad_enabled() or any(core.grad is not None for core in cores):
+        if (
+            torch.is_grad_enabled()
+            or self._awaiting_backward
+            or any(core.grad is not None for core in cores)
+        ):
             self._pair_cache = None
             return compute()
         tensors = [*cores, *(init or [])]
         key = (self.active_adapter, *((id(t), t._version, t.device, t.dtype) for t in tensors))
-        cached = getattr(self, "_pair_cache", None)
+        cached = self._pair_cache
         if cached is None or cached[0] != key:
             cached = (key, compute())
             self._pair_cache = cached

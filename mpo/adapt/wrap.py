@@ -99,8 +99,9 @@ def install(
     first = not dota_layers(model)
     if first:
         freeze_base(model)
-    trainable = [(p, p.requires_grad) for p in model.parameters()]
-    active = {name: layer.active_adapter for name, layer in dota_layers(model)}
+    else:  # what a rollback restores besides the layers
+        trainable = [(p, p.requires_grad) for p in model.parameters()]
+        active = {name: layer.active_adapter for name, layer in dota_layers(model)}
     done: list[tuple[str, nn.Module, nn.Module]] = []
     try:
         for name, module in targets:
@@ -143,12 +144,17 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     adapters = sorted(getattr(model, "dota_config", {}))
     if adapter_name not in adapters:
         raise MPOError(f"the model has no adapter named {adapter_name!r}; it has {adapters}")
-    for _, layer in dota_layers(model):
+    layers = dota_layers(model)
+    merged = [name for name, layer in layers if getattr(layer, "merged", False)]
+    if merged:  # checked first: a switch stopped halfway would mix two adapters
+        raise MPOError(f"{merged[0]} is merged; unmerge it before switching adapters")
+    for _, layer in layers:
         layer.set_adapter(adapter_name, missing_ok=True)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove the adapter ``adapter_name`` from every layer holding it.
+    """Remove the adapter ``adapter_name`` from every layer holding it; a layer left
+    without adapters becomes its base layer again.
 
     Another adapter must be left, and the deleted one must not be the active one:
     :func:`set_adapter` another first, or :func:`unwrap` to drop them all.
@@ -162,9 +168,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             f"{adapter_name!r} is the active adapter; mpo.adapt.set_adapter(model, name) another "
             "one first, or mpo.adapt.unwrap(model) to remove every adapter"
         )
-    for _, layer in layers:
+    for name, layer in layers:
         if adapter_name in layer.dota_cores:
             layer.delete_adapter(adapter_name)
+            if not layer.dota_cores:  # it held only this one: the plain layer again
+                replace_module(model, name, layer.base_layer)
     del model.dota_config[adapter_name]
 
 
