@@ -23,6 +23,17 @@ TINY_LLAMA = dict(
 )
 
 
+def tiny_llama(**overrides):
+    """A ``LlamaForCausalLM`` of :data:`TINY_LLAMA` (``overrides`` applied), in eval mode,
+    seeded: the same weights on every call, as two loads of one checkpoint."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 @st.composite
 def factor_shapes(draw, min_cores: int = 2, max_cores: int = 6, max_entries: int = 2048):
     """(row_factors, col_factors): 2-6 cores, factors 1-6, at most max_entries matrix entries."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-from conftest import TINY_LLAMA  # noqa: E402
+pytest.importorskip("transformers")
+from conftest import tiny_llama as llama  # noqa: E402
 
 import mpo.adapt  # noqa: E402
 from mpo.adapt import (  # noqa: E402
@@ -27,11 +27,6 @@ from mpo.errors import MPOError  # noqa: E402
 
 TOKENS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
 A_TARGETS, B_TARGETS = ["q_proj", "v_proj"], ["q_proj", "k_proj"]
-
-
-def llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).eval()
 
 
 def logits(model):

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from conftest import TINY_LLAMA  # noqa: E402
+from conftest import tiny_llama as llama  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import mpo  # noqa: E402
@@ -41,13 +41,6 @@ from mpo.errors import MPOError  # noqa: E402
 GPT2 = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 TOKENS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-def llama(**overrides):
-    """A tiny LLaMA with the same weights on every call (same overrides)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def gpt2():

@@ -22,6 +22,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+import conftest  # noqa: E402
 from conftest import TINY_LLAMA, adamw_losses  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -126,10 +127,8 @@ def tiny_blocks(monkeypatch) -> None:
 
 
 def tiny_llama(**overrides) -> nn.Module:
-    """conftest's tiny LLaMA, seeded (the same weights every call), in eval mode, on ``DEVICE``."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
-    return transformers.LlamaForCausalLM(config).eval().to(DEVICE)
+    """conftest's tiny LLaMA (seeded, in eval mode) on ``DEVICE``."""
+    return conftest.tiny_llama(**overrides).to(DEVICE)
 
 
 def token_ids(rows: int = 2, length: int = 8, seed: int = 1) -> torch.Tensor:
