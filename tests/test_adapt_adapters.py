@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+from conftest import adamw_losses  # noqa: E402
 from conftest import tiny_llama as llama  # noqa: E402
 
 import mpo.adapt  # noqa: E402
@@ -34,15 +35,6 @@ def logits(model):
         return model(TOKENS).logits
 
 
-def train(model, steps: int = 2) -> None:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=1e-2)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(TOKENS, labels=TOKENS).loss.backward()
-        optimizer.step()
-
-
 def add(model, name, targets, rank=4):
     return wrap(
         model, adapter_name=name, target_modules=targets, rank=rank, num_cores=3, quiet=True
@@ -61,7 +53,7 @@ def layer(model, module: str) -> DoTALinear:
 def two_adapters():
     """The model with "a" trained and "b" added (active, at initialisation)."""
     model = add(llama(), "a", A_TARGETS)
-    train(model)
+    adamw_losses(model, TOKENS, steps=2)
     a_logits = logits(model)
     add(model, "b", B_TARGETS, rank=2)
     return model, a_logits
@@ -98,7 +90,7 @@ def test_switching_adapters_switches_outputs(two_adapters):
 
 def test_each_adapter_saves_and_loads_on_its_own(two_adapters, tmp_path):
     model, a_logits = two_adapters
-    train(model)  # "b" trained too
+    adamw_losses(model, TOKENS, steps=2)  # "b" trained too
     b_logits = logits(model)
     save_adapter(model, tmp_path / "a", adapter_name="a")
     save_adapter(model, tmp_path / "b")  # the active one
