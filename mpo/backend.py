@@ -41,6 +41,10 @@ class Backend:
     def cast(self, x: Any, dtype: Any) -> Any:
         return x.astype(dtype, copy=False)
 
+    def promote(self, a: Any, b: Any) -> Any:
+        """The dtype both ``a`` and ``b`` convert to without loss, as arithmetic promotes."""
+        return np.promote_types(a, b)
+
     def all_finite(self, x: Any) -> bool:
         return bool(np.isfinite(x).all())
 
@@ -109,6 +113,9 @@ class TorchBackend(Backend):
 
     def cast(self, x: Any, dtype: Any) -> Any:
         return x.to(dtype)
+
+    def promote(self, a: Any, b: Any) -> Any:
+        return self.torch.promote_types(a, b)
 
     def all_finite(self, x: Any) -> bool:
         return bool(self.torch.isfinite(x).all())

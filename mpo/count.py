@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from math import prod
 
-from mpo.errors import MPOError
+from mpo.errors import MPOError, is_count
 
 __all__ = ["bond_ranks", "full_ranks", "param_count"]
 
@@ -57,16 +57,12 @@ def bond_ranks(
     full = full_ranks(row_factors, col_factors)
     if rank is None:
         return full
-    if isinstance(rank, int) and not isinstance(rank, bool):
+    if is_count(rank):
         if rank < 1:
             raise MPOError(f"rank must be at least 1, got {rank}")
-        return tuple(min(rank, r) for r in full)
+        return tuple(min(int(rank), r) for r in full)
     ranks = list(rank) if isinstance(rank, Sequence) else None
-    if (
-        ranks is None
-        or len(ranks) != len(full)
-        or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks)
-    ):
+    if ranks is None or len(ranks) != len(full) or not all(is_count(r) for r in ranks):
         raise MPOError(
             f"rank must be an int, None, or a list of {len(full)} ints (one per bond of a "
             f"{len(full) + 1}-core MPO), got {rank!r}"
@@ -74,7 +70,7 @@ def bond_ranks(
     if any(r < 1 for r in ranks):
         raise MPOError(f"every bond rank must be at least 1, got {list(ranks)}")
     pair_sizes = [i * j for i, j in zip(row_factors, col_factors, strict=True)]
-    clipped = [min(r, f) for r, f in zip(ranks, full, strict=True)]
+    clipped = [min(int(r), f) for r, f in zip(ranks, full, strict=True)]
     for k in range(len(clipped)):  # left neighbour: rank_{k-1} * I_k J_k
         left = clipped[k - 1] if k else 1
         clipped[k] = min(clipped[k], left * pair_sizes[k])

@@ -31,7 +31,7 @@ from typing import Any
 
 from mpo.backend import Backend, backend_of
 from mpo.count import Rank, bond_ranks
-from mpo.errors import MPOError
+from mpo.errors import MPOError, checked_tol, is_count
 from mpo.operator import MPO
 from mpo.svd import singular_values, split, squared_norm
 from mpo.tensorize import check_factors, factorize, matrix_to_tensor
@@ -76,9 +76,7 @@ def _checked_norm(W: Any, tensor: Any, xp: Backend) -> float:
 def _factors(
     matrix_shape: tuple[int, int], shape: Shape | None, num_cores: int | None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    if num_cores is not None and (
-        not isinstance(num_cores, int) or isinstance(num_cores, bool) or num_cores < 1
-    ):
+    if num_cores is not None and (not is_count(num_cores) or num_cores < 1):
         raise MPOError(f"num_cores must be a positive integer, got {num_cores!r}")
     if shape is None:
         n = 5 if num_cores is None else num_cores
@@ -163,9 +161,10 @@ def decompose(
     xp = _check_matrix(W)
     rows, cols = _factors(tuple(W.shape), shape, num_cores)
     caps = bond_ranks(rows, cols, rank)
-    if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
-        raise MPOError(f"tol must be a non-negative number (a relative error), got {tol!r}")
+    tol = checked_tol(tol)
     out_dtype = xp.dtype(dtype) if dtype is not None else W.dtype
+    if not xp.is_floating(out_dtype):
+        raise MPOError(f"dtype {dtype!r} is not floating point: cores are; pass e.g. 'float32'")
     remainder = _tensor(W, xp, rows, cols, compute_dtype)
     norm_sq = _checked_norm(W, remainder, xp)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from mpo.backend import Backend, backend_of
 from mpo.contract import ContractionPlan, apply_plan, core_shapes, dense_plan
-from mpo.errors import MPOError
+from mpo.errors import MPOError, checked_tol
 from mpo.rounding import round_cores
 
 __all__ = ["MPO"]
@@ -164,8 +164,14 @@ class MPO:
             )
         lead = shape[:-1]
         rows = x.reshape((prod(lead), *source))
-        plan = apply_plan(rows.shape[0], core_shapes(self._cores), transpose=transpose)
-        return plan(rows, *self._cores).reshape((*lead, prod(target)))
+        cores = self._cores
+        common = self._backend.promote(x.dtype, cores[0].dtype)  # as numpy's @ would
+        if common != x.dtype:
+            rows = self._backend.cast(rows, common)
+        if common != cores[0].dtype:
+            cores = tuple(self._backend.cast(core, common) for core in cores)
+        plan = apply_plan(rows.shape[0], core_shapes(cores), transpose=transpose)
+        return plan(rows, *cores).reshape((*lead, prod(target)))
 
     def __rmatmul__(self, x: Any) -> Any:
         """``x @ mpo`` for ``x`` of shape ``(..., I)``: the rows of ``x`` times ``W``."""
@@ -222,13 +228,18 @@ class MPO:
         """Scale by a number; only the last core changes, so left-orthonormal cores stay so."""
         if not isinstance(scalar, numbers.Number):
             return NotImplemented
-        return MPO([*self._cores[:-1], self._cores[-1] * scalar])
+        if not isinstance(scalar, numbers.Real):
+            raise MPOError(f"an MPO is scaled by a real number, got {scalar!r}")
+        # a Python float keeps the cores' dtype, where a numpy float64 scalar would not
+        return MPO([*self._cores[:-1], self._cores[-1] * float(scalar)])
 
     __rmul__ = __mul__
 
     def astype(self, dtype: Any) -> MPO:
         """The same operator with cores cast to ``dtype`` (``'bfloat16'``, or a native dtype)."""
         target = self._backend.dtype(dtype)
+        if not self._backend.is_floating(target):
+            raise MPOError(f"cores are floating point; astype({dtype!r}) would truncate them")
         return MPO([self._backend.cast(core, target) for core in self._cores])
 
     def truncate(self, rank: int | Sequence[int] | None = None, *, tol: float | None = None) -> MPO:
@@ -250,7 +261,7 @@ class MPO:
         >>> (a + a).ranks, (a + a).truncate(tol=1e-12).ranks
         ((8,), (4,))
         """
-        return MPO(round_cores(self._cores, self._backend, rank, tol))
+        return MPO(round_cores(self._cores, self._backend, rank, checked_tol(tol)))
 
 
 def _direct_sum(a: tuple[Any, ...], b: tuple[Any, ...], xp: Backend) -> list[Any]:

@@ -24,7 +24,7 @@ from math import prod
 from typing import Any
 
 from mpo.backend import backend_of
-from mpo.errors import MPOError
+from mpo.errors import MPOError, is_count
 
 __all__ = ["PAPER_SHAPES", "factorize", "matrix_to_tensor", "tensor_to_matrix"]
 
@@ -81,10 +81,11 @@ def factorize(n: int, num_factors: int = 5) -> tuple[int, ...]:
     >>> factorize(12, 3)
     (2, 3, 2)
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if not is_count(n) or n < 1:
         raise MPOError(f"cannot factorize dimension {n!r}: it must be a positive integer")
-    if not isinstance(num_factors, int) or num_factors < 1:
+    if not is_count(num_factors) or num_factors < 1:
         raise MPOError(f"num_factors must be a positive integer, got {num_factors!r}")
+    n, num_factors = int(n), int(num_factors)
     if num_factors == 5 and n in PAPER_SHAPES:
         return PAPER_SHAPES[n]
     bins = [1] * num_factors

@@ -279,3 +279,53 @@ def test_equations_are_renamed_to_letters_for_torch_einsum():
     assert renamed.replace(",", "").replace("->", "").isalpha()
     operands = [np.random.default_rng(k).normal(size=s) for k, s in enumerate(small.shapes)]
     np.testing.assert_allclose(np.einsum(renamed, *operands), small(*operands))
+
+
+@pytest.mark.parametrize("scalar", [np.float64(2.5), np.int64(3), np.float32(-1.5), 2])
+def test_scaling_by_any_real_number_keeps_the_cores_dtype(scalar):
+    W = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
+    m = mpo.decompose(W, ((4, 4), (4, 4)))
+    for scaled in (m * scalar, scalar * m):
+        assert scaled.dtype == np.float32
+        np.testing.assert_allclose(scaled.to_dense(), float(scalar) * m.to_dense(), atol=1e-5)
+    with pytest.raises(mpo.MPOError, match="scaled by a real number"):
+        m * 1j
+
+
+def test_torch_operands_of_another_dtype_are_promoted_as_numpy_does():
+    torch = pytest.importorskip("torch")
+    W = np.random.default_rng(0).normal(size=(16, 12))
+    x = np.random.default_rng(1).normal(size=(3, 16))
+    m_np = mpo.decompose(W.astype(np.float32), ((4, 4), (4, 3)))
+    m_torch = mpo.decompose(torch.tensor(W, dtype=torch.float32), ((4, 4), (4, 3)))
+    y_np = x @ m_np  # float64 rows times float32 cores: float64
+    y_torch = torch.tensor(x) @ m_torch
+    assert y_np.dtype == np.float64
+    assert y_torch.dtype == torch.float64
+    np.testing.assert_allclose(y_torch.numpy(), y_np, rtol=1e-5)
+
+
+def test_integer_dtypes_are_refused_for_cores():
+    W = np.random.default_rng(0).normal(size=(16, 16))
+    with pytest.raises(mpo.MPOError, match="not floating point"):
+        mpo.decompose(W, ((4, 4), (4, 4)), dtype="int64")
+    with pytest.raises(mpo.MPOError, match="would truncate them"):
+        mpo.decompose(W, ((4, 4), (4, 4))).astype("int32")
+
+
+def test_numpy_integers_are_sizes_and_ranks_too():
+    W = np.random.default_rng(0).normal(size=(16, 16))
+    assert mpo.factorize(np.int64(16), np.int32(2)) == mpo.factorize(16, 2)
+    m = mpo.decompose(W, ((4, 4), (4, 4)), rank=np.int64(3))
+    assert m.ranks == (3,)
+    assert m.truncate(rank=[np.int32(2)]).ranks == (2,)
+    assert mpo.decompose(W, num_cores=np.int64(2)).ranks == mpo.decompose(W, num_cores=2).ranks
+
+
+@pytest.mark.parametrize("tol", [-0.5, float("nan"), float("inf"), "0.1"])
+def test_truncate_refuses_a_tol_that_is_not_a_relative_error(tol):
+    m = mpo.decompose(np.random.default_rng(0).normal(size=(16, 16)), ((4, 4), (4, 4)))
+    with pytest.raises(mpo.MPOError, match="tol must be a non-negative number"):
+        (m + m).truncate(tol=tol)
+    with pytest.raises(mpo.MPOError, match="tol must be a non-negative number"):
+        mpo.decompose(m.to_dense(), ((4, 4), (4, 4)), tol=tol)
