@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -157,3 +159,22 @@ def test_resuming_with_other_settings_is_refused(tiny_lm, instruction_data, tmp_
         progress=False,
     )
     assert restarted.steps == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rank": 8}, "rank was 4, now 8"),  # other core shapes: loading them would crash
+        ({"method": "pissa"}, "method was 'dota', now 'pissa'"),
+    ],
+)
+def test_resuming_with_other_adapter_settings_names_them_and_writes_nothing(
+    tiny_lm, instruction_data, tmp_path, change, message
+):
+    run = tmp_path / "run"
+    finetune(spec(tiny_lm, instruction_data[0], max_steps=2), run, progress=False)
+    files = sorted(p.relative_to(run) for p in run.rglob("*"))
+    other = dataclasses.replace(spec(tiny_lm, instruction_data[0], max_steps=2), **change)
+    with pytest.raises(MPOError, match=re.escape(message)):
+        finetune(other, run, progress=False)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == files

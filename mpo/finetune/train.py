@@ -282,11 +282,17 @@ def _save_state(
         write_json(staging / "progress.json", {**progress, "adam_steps": steps})
 
 
-def _load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _read_progress(folder: Path) -> dict[str, Any]:
     import json
 
+    return json.loads((folder / "progress.json").read_text(encoding="utf-8"))
+
+
+def _load_state(
+    folder: Path, progress: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """The trainable tensors and AdamW moments saved in ``folder`` (with ``progress``)."""
     params = _trainable(model)
-    progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
     tensors = safetensors.torch.load_file(folder / "trainable.safetensors")
     if set(tensors) != set(params):
         raise MPOError(
@@ -304,7 +310,6 @@ def _load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
                 "exp_avg": moments[f"{name}.exp_avg"].to(p.device),
                 "exp_avg_sq": moments[f"{name}.exp_avg_sq"].to(p.device),
             }
-    return progress
 
 
 # -- plotting ------------------------------------------------------------------------
@@ -430,6 +435,15 @@ def train(
             "it), or choose another --out"
         )
 
+    # the settings are compared before anything is loaded or written
+    saved = _read_progress(state_dir) if state_dir.exists() else None
+    if saved is not None and saved["fingerprint"] != fingerprint:
+        differ = _differences(saved["fingerprint"], fingerprint)
+        raise MPOError(
+            f"{out} holds a run with other settings ({', '.join(differ)}); rerun with "
+            "the same settings to resume, pass --restart to start over, or choose another --out"
+        )
+
     if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "pissa" and not (out / "pissa_init").exists():
@@ -439,14 +453,8 @@ def train(
     trainable, total = count_parameters(model)
 
     step, metrics, best_step, best_loss, wall = 0, [], -1, math.inf, 0.0
-    if state_dir.exists():
-        saved = _load_state(state_dir, model, optimizer)
-        if saved["fingerprint"] != fingerprint:
-            differ = _differences(saved["fingerprint"], fingerprint)
-            raise MPOError(
-                f"{out} holds a run with other settings ({', '.join(differ)}); rerun with "
-                "the same settings to resume, pass --restart to start over, or choose another --out"
-            )
+    if saved is not None:
+        _load_state(state_dir, saved, model, optimizer)
         step, metrics = saved["step"], saved["metrics"]
         best_step, best_loss, wall = saved["best_step"], saved["best_val_loss"], saved["wall_s"]
 
