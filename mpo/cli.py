@@ -346,6 +346,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what each command writes, checked before it starts work: (command, option) -> kind
+_OUTPUTS = {
+    ("plan", "json"): "file",
+    ("analyze", "out"): "folder",
+    ("finetune", "out"): "folder",
+    ("evaluate", "out"): "file",
+    ("merge", "out"): "folder",
+    ("demo", "out"): "folder",
+}
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an output path that cannot be written (a folder given for a file, a file
+    for a folder, or a path below a file) before any work, not after it."""
+    for (command, option), kind in _OUTPUTS.items():
+        path = getattr(args, option, None) if args.command == command else None
+        if path is None:
+            continue
+        path, flag = Path(path), f"--{option}"
+        if kind == "file" and path.is_dir():
+            raise MPOError(f"{flag} {path} is a folder; give the name of a file to write")
+        if kind == "folder" and path.exists() and not path.is_dir():
+            raise MPOError(f"{flag} {path} is a file; give a folder to write into")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise MPOError(f"{flag} {path} lies below {parent}, which is a file")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mpo`` command line with ``argv`` (default: ``sys.argv[1:]``); return the status."""
     parser = _parser()
@@ -360,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # raised inside peft's own calls into transformers 5; nothing a user of mpo can act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     try:
+        _check_outputs(args)
         return args.run(args)
     except MPOError as err:
         print(f"mpo {args.command}: error: {err}", file=sys.stderr)

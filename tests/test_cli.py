@@ -288,3 +288,28 @@ def test_every_command_answers_help():
     assert result.returncode == 0
     for option in ("--method", "--rank", "--eval-every", "--restart"):
         assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "bad"),
+    [
+        (["plan", "{model}", "--json", "{folder}"], "is a folder"),
+        (["analyze", "{model}", "--out", "{file}"], "is a file"),
+        (["finetune", "--model", "{model}", "--data", "{file}", "--out", "{below}"], "lies below"),
+        (["evaluate", "--model", "{model}", "--data", "{file}", "--out", "{folder}"], "a folder"),
+        (["merge", "--model", "{model}", "--checkpoint", "{folder}", "--out", "{file}"], "a file"),
+    ],
+)
+def test_an_output_path_that_cannot_be_written_is_refused_first(
+    tiny_lm, tmp_path, capsys, command, bad
+):
+    folder, file = tmp_path / "folder", tmp_path / "file.json"
+    folder.mkdir()
+    file.write_text("[]")
+    paths = {"model": tiny_lm, "folder": folder, "file": file, "below": file / "run"}
+    assert main([part.format(**paths) for part in command]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --{'json' if command[0] == 'plan' else 'out'} " in err
+    assert bad in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.json", "folder"]
+    assert not any(folder.iterdir())
