@@ -101,7 +101,10 @@ def publish_folder(staging: str | os.PathLike, target: str | os.PathLike) -> Non
             os.rename(backup, target)
             raise
         # the new folder is in place; a backup left behind would only cost disk space
-        shutil.rmtree(backup, ignore_errors=True)
+        if backup.is_dir() and not backup.is_symlink():
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            backup.unlink(missing_ok=True)
     fsync(target.parent)
 
 
@@ -115,8 +118,14 @@ def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
     ``target`` is untouched.
     """
     target = Path(target)
+    if target.is_symlink():  # the folder it names is the one to replace, not the link
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    # mkdtemp makes it private (0700); a published folder gets the usual permissions
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         yield staging
         publish_folder(staging, target)
