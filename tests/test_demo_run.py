@@ -36,3 +36,9 @@ def test_the_demo_compares_the_methods_and_writes_table_and_curves(tmp_path, mon
     assert rows[0]["trainable_params"] < rows[1]["trainable_params"]
     assert (tmp_path / "val_loss.png").stat().st_size > 0
     assert len((tmp_path / "data" / "train.json").read_text()) > 0
+
+
+def test_a_method_named_twice_is_refused(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--methods", "dota,dota", "--quiet"]) == 2
+    assert "two arms are labelled 'dota'" in capsys.readouterr().err
+    assert not (tmp_path / "dota").exists()

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import sys
 
 import pytest
 
@@ -178,3 +179,25 @@ def test_resuming_with_other_adapter_settings_names_them_and_writes_nothing(
     with pytest.raises(MPOError, match=re.escape(message)):
         finetune(other, run, progress=False)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == files
+
+
+def test_the_loss_plot_shows_training_and_validation_losses(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    module = sys.modules["mpo.finetune.train"]  # the package exports a function named train
+    drawn = {}
+
+    def capture(fig, ax, title, ylabel="validation loss"):
+        drawn.update(ylabel=ylabel, lines={ln.get_label(): ln.get_ydata() for ln in ax.get_lines()})
+        return b"png"
+
+    monkeypatch.setattr(module, "loss_png", capture)
+    rows = [
+        {"step": 0, "train_loss": None, "val_loss": 3.0},
+        {"step": 1, "train_loss": 2.9},
+        {"step": 2, "train_loss": 2.7, "val_loss": 2.8},
+    ]
+    module.plot_losses({"dota": rows}, tmp_path / "loss.png", "dota")
+    assert drawn["ylabel"] == "loss"
+    assert list(drawn["lines"]["dota (train)"]) == [2.9, 2.7]
+    assert list(drawn["lines"]["dota (validation)"]) == [3.0, 2.8]
+    assert (tmp_path / "loss.png").read_bytes() == b"png"

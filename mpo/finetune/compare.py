@@ -29,6 +29,7 @@ from typing import Any
 
 from mpo import report
 from mpo.atomic import write_bytes, write_csv, write_json
+from mpo.errors import MPOError
 from mpo.finetune.data import Record
 from mpo.finetune.evaluate import evaluate
 from mpo.finetune.merge import load_merged
@@ -156,6 +157,13 @@ def compare(
     Every run starts afresh (a previous run in its folder is deleted).
     Returns the :class:`Comparison`; call :meth:`Comparison.write` to save it.
     """
+    labels = [arm.label for arm in arms]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise MPOError(
+            f"two arms are labelled {repeated[0]!r}; give each its own label (their runs would "
+            f"share the folder {repeated[0]}/ and one table row)"
+        )
     out = Path(out)
     rows, curves = [], {}
     for arm in arms:

@@ -325,14 +325,14 @@ def loss_figure() -> tuple[Any, Any]:
     return plt.subplots(figsize=(6.4, 4.0))
 
 
-def loss_png(fig: Any, ax: Any, title: str) -> bytes:
-    """The curves drawn on ``ax``, labelled as validation losses, as PNG bytes (figure closed)."""
+def loss_png(fig: Any, ax: Any, title: str, ylabel: str = "validation loss") -> bytes:
+    """The curves drawn on ``ax``, labelled as losses, as PNG bytes (figure closed)."""
     import io
 
     import matplotlib.pyplot as plt
 
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss (per response token)")
+    ax.set_ylabel(f"{ylabel} (per response token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -344,13 +344,17 @@ def loss_png(fig: Any, ax: Any, title: str) -> bytes:
 
 
 def plot_losses(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str) -> None:
-    """Validation-loss curves (one per name in ``curves``, from metric rows) as a PNG."""
+    """Validation-loss curves (points) and training-loss curves (thin lines, the mean loss
+    of each optimizer step), one of each per name in ``curves`` (metric rows), as a PNG."""
     fig, ax = loss_figure()
     for name, rows in curves.items():
+        train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+        if train:
+            ax.plot(*zip(*train, strict=True), linewidth=0.8, alpha=0.6, label=f"{name} (train)")
         points = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
         steps, losses = [p[0] for p in points], [p[1] for p in points]
-        ax.plot(steps, losses, marker="o", markersize=3, label=name)
-    write_bytes(path, loss_png(fig, ax, title))
+        ax.plot(steps, losses, marker="o", markersize=3, label=f"{name} (validation)")
+    write_bytes(path, loss_png(fig, ax, title, ylabel="loss"))
 
 
 # -- the loop ------------------------------------------------------------------------
