@@ -195,7 +195,11 @@ def unfolding_spectra(
     ``(prod_{n <= k} I_n J_n, prod_{n > k} I_n J_n)``; its rank is ``R_k`` of
     Eq. 1, and the energy beyond rank ``r`` is the least squared error any MPO
     with ``R_k = r`` can have. Returned in descending order, float64, as arrays
-    of ``W``'s kind.
+    of ``W``'s kind. They come from the eigenvalues of the smaller Gram matrix
+    ``C C^T`` in float64, which resolve ``sigma^2`` to about ``1e-16 sigma_1^2``:
+    values below about ``1e-8 sigma_1`` are rounding noise of that size (an
+    exactly low-rank ``W`` shows a floor there, not zeros); tail energies are
+    exact to that level.
 
     >>> import numpy as np
     >>> W = np.random.default_rng(0).standard_normal((8, 8))
