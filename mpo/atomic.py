@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import json
 import os
@@ -31,7 +32,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync", "publish_folder", "staged_folder", "write_bytes", "write_csv", "write_json"]
+__all__ = [
+    "fsync",
+    "publish_folder",
+    "recover_folder",
+    "staged_folder",
+    "write_bytes",
+    "write_csv",
+    "write_json",
+]
 
 
 def fsync(path: str | os.PathLike) -> None:
@@ -106,6 +115,22 @@ def publish_folder(staging: str | os.PathLike, target: str | os.PathLike) -> Non
         else:
             backup.unlink(missing_ok=True)
     fsync(target.parent)
+
+
+def recover_folder(target: str | os.PathLike) -> bool:
+    """Put back the old ``target`` that :func:`publish_folder` had renamed aside, if the
+    process died before the new one took its place (``target`` absent, a backup left);
+    True if it did. The new one, unfinished or not, is lost either way."""
+    target = Path(target)
+    if target.exists() or target.is_symlink():
+        return False
+    backups = sorted(
+        target.parent.glob(f".{glob.escape(target.name)}.*.old"), key=lambda p: p.stat().st_mtime
+    )
+    if not backups:
+        return False
+    os.rename(backups[-1], target)
+    return True
 
 
 @contextlib.contextmanager

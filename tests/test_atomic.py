@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from mpo.atomic import staged_folder, write_json
+from mpo.atomic import recover_folder, staged_folder, write_json
 
 
 def publish(target, text="new"):
@@ -66,3 +66,14 @@ def test_write_json_replaces_a_file_whole(tmp_path):
     write_json(path, {"b": 2})
     assert path.read_text() == '{\n  "b": 2\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["data.json"]
+
+
+def test_a_folder_renamed_aside_by_a_killed_swap_is_put_back(tmp_path):
+    target = tmp_path / "state"
+    publish(target, "old")
+    # killed between publish_folder's two renames: the old folder aside, no target
+    os.rename(target, tmp_path / ".state.k2j4.old")
+    assert recover_folder(target)
+    assert (target / "file.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state"]
+    assert not recover_folder(target)  # nothing to do when the target is there

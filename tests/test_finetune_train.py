@@ -201,3 +201,20 @@ def test_the_loss_plot_shows_training_and_validation_losses(monkeypatch, tmp_pat
     assert list(drawn["lines"]["dota (train)"]) == [2.9, 2.7]
     assert list(drawn["lines"]["dota (validation)"]) == [3.0, 2.8]
     assert (tmp_path / "loss.png").read_bytes() == b"png"
+
+
+def test_a_state_left_aside_by_a_killed_save_is_resumed_not_restarted(
+    tiny_lm, instruction_data, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    finetune(spec(tiny_lm, instruction_data[0], max_steps=2), run, progress=False)
+    os.rename(run / "state", run / ".state.k2j4.old")  # killed between the swap's renames
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the finished run was trained again")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", no_training)
+    again = finetune(spec(tiny_lm, instruction_data[0], max_steps=2), run, progress=False)
+    assert again.steps == 2
+    assert (run / "state").is_dir()
+    assert not (run / ".state.k2j4.old").exists()

@@ -57,7 +57,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from mpo.atomic import staged_folder, write_bytes, write_csv, write_json
+from mpo.atomic import recover_folder, staged_folder, write_bytes, write_csv, write_json
 from mpo.errors import Interrupted, MPOError
 from mpo.finetune.data import Example, collate
 from mpo.finetune.methods import count_parameters, save_finetuned, save_pissa_init
@@ -433,6 +433,8 @@ def train(
     fingerprint["train_examples"] = len(train_examples)
     fingerprint["val_examples"] = len(val_examples)
     state_dir, best_dir = out / "state", out / "best"
+    for folder in (state_dir, best_dir):  # killed while replacing one: the previous is kept
+        recover_folder(folder)
     if state_dir.exists() and not resume:
         raise MPOError(
             f"{out} already holds a run; resume it, or start over with --restart (which deletes "
