@@ -149,6 +149,33 @@ class TestSwitches:
             torch.testing.assert_close(merged(x), adapted, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
 
+    def test_merge_folds_the_named_adapters_as_peft_does(self):
+        base = linear()
+        original = base.weight.detach().clone()
+        layer = DoTALinear(base, rank=4, shape=SHAPE)
+        layer.update_layer("other", rank=2, shape=SHAPE)
+        perturb(layer)
+        layer.set_adapter("other")
+        perturb(layer, seed=3)
+        assert layer.active_adapters == ["other"]
+        deltas = [layer.get_delta_weight(name) for name in ("default", "other")]
+        layer.merge(adapter_names=["default", "other"])
+        assert layer.merged_adapters == ["default", "other"]
+        torch.testing.assert_close(base.weight.detach(), original + sum(deltas))
+        layer.unmerge()
+        torch.testing.assert_close(base.weight.detach(), original, rtol=0, atol=1e-6)
+
+    def test_safe_merge_refuses_a_weight_with_nan_and_leaves_it(self):
+        base = linear()
+        original = base.weight.detach().clone()
+        layer = DoTALinear(base, rank=4, shape=SHAPE)
+        with torch.no_grad():
+            layer.cores()[0][0, 0, 0, 0] = float("nan")
+        with pytest.raises(mpo.MPOError, match="NaN or Inf in the weight, which is left"):
+            layer.merge(safe_merge=True)
+        assert not layer.merged
+        assert torch.equal(base.weight, original)
+
     def test_unmerge_restores_the_weight_to_rounding(self):
         base = linear()
         original = base.weight.detach().clone()

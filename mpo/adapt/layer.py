@@ -352,16 +352,29 @@ class DoTALinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def merge(self) -> nn.Module:
-        """Fold the active adapter's update into the base weight; return the base layer.
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapter as a list, as PEFT's tuner layers report it."""
+        return [self.active_adapter]
 
-        The weight becomes ``W0 + Delta`` rounded to its dtype, and the layer's
-        output stays the adapted one. :meth:`unmerge` subtracts ``Delta`` again,
-        which restores ``W0`` up to that rounding.
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Fold adapters' updates into the base weight (PEFT's signature); return the base layer.
+
+        ``adapter_names`` (default: the active one, if this layer holds it) are
+        folded in once each. The weight becomes ``W0 + Delta`` rounded to its
+        dtype, and the layer's output is then that of the merged weight.
+        :meth:`unmerge` subtracts them again, which restores ``W0`` up to that
+        rounding. With ``safe_merge`` the merged weight is checked for NaN or Inf
+        first, and the weight left as it was if it has any.
         """
-        if not self.merged and self.active_adapter in self.dota_cores:
-            self._fold(self.active_adapter, 1)
-            self.merged_adapters.append(self.active_adapter)
+        if adapter_names is None:
+            held = self.active_adapter in self.dota_cores
+            adapter_names = [self.active_adapter] if held else []
+        for name in adapter_names:
+            if name in self.merged_adapters:
+                continue
+            self._fold(self._held(name), 1, safe=safe_merge)
+            self.merged_adapters.append(name)
         return self.base_layer
 
     def unmerge(self) -> None:
@@ -370,9 +383,10 @@ class DoTALinear(nn.Module):
             self._fold(self.merged_adapters.pop(), -1)
 
     @torch.no_grad()
-    def _fold(self, adapter_name: str, sign: int) -> None:
+    def _fold(self, adapter_name: str, sign: int, *, safe: bool = False) -> None:
         """``W <- W + sign * Delta``, computed in float32 at least (bfloat16 cores'
-        products would round ``Delta``), rounded once to the weight's dtype."""
+        products would round ``Delta``), rounded once to the weight's dtype; with
+        ``safe``, refused if the result is not finite."""
 
         def wide(tensors: list | None) -> list | None:
             if tensors is None:
@@ -383,8 +397,15 @@ class DoTALinear(nn.Module):
         cores, init = wide(self.cores(name)), wide(self.initial_cores(name))
         delta = delta_weight(cores, init, self.layout(name))
         weight = self.base_layer.weight
-        total = weight.to(torch.promote_types(weight.dtype, delta.dtype)) + sign * delta
-        weight.copy_(total.to(weight.dtype))
+        total = (weight.to(torch.promote_types(weight.dtype, delta.dtype)) + sign * delta).to(
+            weight.dtype
+        )
+        if safe and not torch.isfinite(total).all():
+            raise MPOError(
+                f"merging adapter {adapter_name!r} gives NaN or Inf in the weight, which is left "
+                "as it was; the cores probably diverged: load an earlier checkpoint"
+            )
+        weight.copy_(total)
 
     # -- forward -------------------------------------------------------------------
 

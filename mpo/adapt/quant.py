@@ -419,6 +419,11 @@ class QDoTALinear(nn.Module):
         ``adapter_name``, if given, is the layer's one adapter (as ``DoTALinear`` takes it)."""
         return Layout(self._update_layout.shapes, self._transposed)
 
+    @property
+    def active_adapters(self) -> list[str]:
+        """The layer's one adapter as a list, as PEFT's tuner layers report it."""
+        return [self.active_adapter]
+
     def set_adapter(self, adapter_name: str, *, missing_ok: bool = False) -> None:
         """Accept the layer's one adapter (its residual belongs to that adapter's ``T0``)
         and make its cores trainable; ``missing_ok`` changes nothing here."""
