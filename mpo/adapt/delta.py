@@ -62,6 +62,12 @@ class Layout:
     shapes: tuple[tuple[int, int, int, int], ...]
     transposed: bool
 
+    def __post_init__(self) -> None:
+        # planned once, here: torch.compile then reads a constant instead of tracing
+        # opt_einsum's planning behind half_plans' cache
+        plans = half_plans(self.shapes) if len(self.shapes) > 1 else None
+        object.__setattr__(self, "plans", plans)
+
     @property
     def out_features(self) -> int:
         return prod(shape[1] for shape in self.shapes)
@@ -73,14 +79,14 @@ class Layout:
     @cached_property
     def rank(self) -> int:
         """The bond rank ``r`` at which the halves meet."""
-        return 1 if len(self.shapes) == 1 else self.shapes[half_plans(self.shapes)[0]][0]
+        return 1 if self.plans is None else self.shapes[self.plans[0]][0]
 
     @cached_property
     def blocks(self) -> tuple[int, int, int, int]:
         """``(I_L, J_L, I_R, J_R)``: the row and column sizes of the two halves."""
         if len(self.shapes) == 1:
             return self.out_features, self.in_features, 1, 1
-        split = half_plans(self.shapes)[0]
+        split = self.plans[0]
         return (
             prod(shape[1] for shape in self.shapes[:split]),
             prod(shape[2] for shape in self.shapes[:split]),
@@ -93,7 +99,7 @@ def halves(cores: list[Any], layout: Layout) -> tuple[Any, Any]:
     """``L`` (``I_L J_L x r``) and ``R`` (``r x I_R J_R``) with ``Delta ~ L @ R`` permuted."""
     if len(cores) == 1:
         return cores[0].reshape(-1, 1), cores[0].new_ones(1, 1)
-    split, left_plan, right_plan = half_plans(layout.shapes)
+    split, left_plan, right_plan = layout.plans
     left = left_plan(*cores[:split])
     right = right_plan(*cores[split:])
     rank = left.shape[-1]
