@@ -46,7 +46,9 @@ def train(rank: int, world_size: int, port: int, quantize: str | None = None) ->
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(seconds=30),  # a rank that died must not hang the other
+            # a rank that died must not hang the other; a loaded 2-core machine may start
+            # one rank tens of seconds after the other
+            timeout=timedelta(seconds=120),
         )
         trained = torch.nn.parallel.DistributedDataParallel(
             model, broadcast_buffers=quantize is None

@@ -483,7 +483,7 @@ def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(quantiz
     ]
     try:
         single = load_worker().train(rank=0, world_size=1, port=0, quantize=quantize)
-        logs = [process.communicate(timeout=120)[0] for process in processes]
+        logs = [process.communicate(timeout=300)[0] for process in processes]
     finally:
         for process in processes:
             process.kill()
