@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
 import io
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,11 +37,16 @@ __all__ = [
     "fsync",
     "publish_folder",
     "recover_folder",
+    "remove_folder",
     "staged_folder",
     "write_bytes",
     "write_csv",
     "write_json",
 ]
+
+
+# random bytes in the names of staging and backup folders
+_TOKEN_BYTES = 4
 
 
 def fsync(path: str | os.PathLike) -> None:
@@ -117,20 +123,38 @@ def publish_folder(staging: str | os.PathLike, target: str | os.PathLike) -> Non
     fsync(target.parent)
 
 
+def _siblings(target: Path, suffix: str) -> list[Path]:
+    """The staging (``".tmp"``) or backup (``".old"``) folders of ``target`` that
+    :func:`staged_folder` and :func:`publish_folder` name, oldest first."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\{suffix}")
+    if not target.parent.is_dir():
+        return []
+    found = [p for p in target.parent.iterdir() if pattern.fullmatch(p.name)]
+    return sorted(found, key=lambda p: p.lstat().st_mtime)
+
+
 def recover_folder(target: str | os.PathLike) -> bool:
     """Put back the old ``target`` that :func:`publish_folder` had renamed aside, if the
     process died before the new one took its place (``target`` absent, a backup left);
     True if it did. The new one, unfinished or not, is lost either way."""
-    target = Path(target)
-    if target.exists() or target.is_symlink():
+    target = Path(os.path.realpath(target))  # a link's folder is the one replaced
+    if target.exists():
         return False
-    backups = sorted(
-        target.parent.glob(f".{glob.escape(target.name)}.*.old"), key=lambda p: p.stat().st_mtime
-    )
+    backups = _siblings(target, ".old")
     if not backups:
         return False
     os.rename(backups[-1], target)
     return True
+
+
+def remove_folder(target: str | os.PathLike) -> None:
+    """Delete ``target`` and every staging or backup folder of it (a fresh start)."""
+    target = Path(target)
+    for path in (target, *_siblings(target, ".tmp"), *_siblings(target, ".old")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 @contextlib.contextmanager
@@ -142,15 +166,15 @@ def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
     :func:`publish_folder`); when it raises, the folder is deleted and
     ``target`` is untouched.
     """
-    target = Path(target)
-    if target.is_symlink():  # the folder it names is the one to replace, not the link
-        target = target.resolve()
+    target = Path(os.path.realpath(target))  # a link's folder is the one to replace
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    # mkdtemp makes it private (0700); a published folder gets the usual permissions
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
+    while True:  # not mkdtemp, which makes the folder private (0700): mkdir applies the umask
+        staging = target.parent / f".{target.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp"
+        try:
+            staging.mkdir()
+            break
+        except FileExistsError:
+            continue
     try:
         yield staging
         publish_folder(staging, target)

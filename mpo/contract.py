@@ -45,6 +45,9 @@ class ContractionPlan:
     shapes: tuple[tuple[int, ...], ...]
     expression: Any
     info: Any
+    #: ``equation`` in ASCII letters for torch.einsum (None past 52 indices): made here,
+    #: since torch.compile cannot trace the renaming
+    letters: str | None
 
     @property
     def flops(self) -> int:
@@ -61,22 +64,25 @@ class ContractionPlan:
         if torch is not None and torch.compiler.is_compiling():
             # torch.compile cannot trace opt_einsum's expression; the path is only an
             # optimisation, and the compiler plans torch.einsum's contraction itself
-            return torch.einsum(_letters(self.equation), *operands)
+            if self.letters is None:
+                raise MPOError(
+                    f"torch.compile can trace contractions of at most {len(string.ascii_letters)} "
+                    "indices (about 16 cores); use fewer cores"
+                )
+            return torch.einsum(self.letters, *operands)
         return self.expression(*operands)
 
     def __str__(self) -> str:
         return str(self.info)
 
 
-def _letters(equation: str) -> str:
+def _letters(equation: str) -> str | None:
     """``equation`` with its index symbols renamed to ASCII letters, the only ones
-    ``torch.einsum`` takes (opt_einsum's symbols go beyond ``z``, ``Z`` past 52)."""
+    ``torch.einsum`` takes (opt_einsum's symbols go past ``z`` and ``Z``); None if it
+    has more than 52."""
     symbols = list(dict.fromkeys(c for c in equation if c not in ",->"))
     if len(symbols) > len(string.ascii_letters):
-        raise MPOError(
-            f"torch.compile can trace contractions of at most {len(string.ascii_letters)} "
-            f"indices, this one has {len(symbols)} (about 17 or more cores): use fewer cores"
-        )
+        return None
     letters = string.ascii_letters[: len(symbols)]
     return equation.translate(str.maketrans(dict(zip(symbols, letters, strict=True))))
 
@@ -94,7 +100,7 @@ def _core_terms(rows: list[str], cols: list[str], bonds: list[str]) -> list[str]
 def _plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> ContractionPlan:
     _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=_optimizer())
     expression = opt_einsum.contract_expression(equation, *shapes, optimize=info.path)
-    return ContractionPlan(equation, shapes, expression, info)
+    return ContractionPlan(equation, shapes, expression, info, _letters(equation))
 
 
 @functools.lru_cache(maxsize=512)

@@ -240,3 +240,32 @@ def test_adapter_names_that_are_module_dict_attributes_are_refused(name):
     with pytest.raises(MPOError, match=f"{name}' is an attribute of torch's ModuleDict"):
         add(model, name, A_TARGETS)
     assert not mpo.adapt.dota_layers(model)
+
+
+def test_delete_adapter_refuses_a_merged_one_before_changing_anything(two_adapters):
+    model, _ = two_adapters
+    set_adapter(model, "a")
+    layer(model, "k_proj").merge(adapter_names=["b"])  # k_proj comes after q_proj
+    with pytest.raises(MPOError, match="k_proj has 'b' merged"):
+        delete_adapter(model, "b")
+    assert "b" in layer(model, "q_proj").dota_cores
+    assert set(model.dota_config) == {"a", "b"}
+
+
+def test_merge_and_unload_keeps_only_the_active_adapter(two_adapters):
+    model, a_logits = two_adapters
+    set_adapter(model, "a")
+    layer(model, "q_proj").merge(adapter_names=["b", "missing"])  # b by hand; missing skipped
+    assert layer(model, "q_proj").merged_adapters == ["b"]
+    merged = merge_and_unload(model)
+    torch.testing.assert_close(logits(merged), a_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_function_transforms_run_through_a_training_layer():
+    layer = DoTALinear(torch.nn.Linear(64, 64), rank=4, shape=((4, 4, 4), (4, 4, 4)))
+    layer.strategy = "factored"
+    x = torch.randn(3, 64)
+    batched = torch.func.vmap(layer)(x)
+    torch.testing.assert_close(batched, layer(x))
+    _, tangent = torch.func.jvp(layer, (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(tangent, torch.ones_like(x) @ layer.base_layer.weight.T)

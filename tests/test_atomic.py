@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from mpo.atomic import recover_folder, staged_folder, write_json
+from mpo.atomic import recover_folder, remove_folder, staged_folder, write_json
 
 
 def publish(target, text="new"):
@@ -72,8 +72,17 @@ def test_a_folder_renamed_aside_by_a_killed_swap_is_put_back(tmp_path):
     target = tmp_path / "state"
     publish(target, "old")
     # killed between publish_folder's two renames: the old folder aside, no target
-    os.rename(target, tmp_path / ".state.k2j4.old")
+    os.rename(target, tmp_path / ".state.0123abcd.old")
     assert recover_folder(target)
     assert (target / "file.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["state"]
     assert not recover_folder(target)  # nothing to do when the target is there
+
+
+def test_only_this_folders_backups_are_recovered_or_removed(tmp_path):
+    (tmp_path / ".model.v2.0123abcd.old").mkdir()  # model.v2's backup, not model's
+    assert not recover_folder(tmp_path / "model")
+    (tmp_path / ".model.89abcdef.old").mkdir()
+    (tmp_path / ".model.01234567.tmp").mkdir()
+    remove_folder(tmp_path / "model")
+    assert [p.name for p in tmp_path.iterdir()] == [".model.v2.0123abcd.old"]

@@ -313,3 +313,12 @@ def test_an_output_path_that_cannot_be_written_is_refused_first(
     assert bad in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.json", "folder"]
     assert not any(folder.iterdir())
+
+
+def test_finetunes_default_output_folder_is_checked_first(tiny_lm, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").write_text("a file where the default out/finetune/dota would go")
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    assert main(["finetune", "--model", str(tiny_lm), "--data", str(data)]) == 2
+    assert "--out out/finetune/dota lies below out, which is a file" in capsys.readouterr().err

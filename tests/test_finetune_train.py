@@ -187,7 +187,9 @@ def test_the_loss_plot_shows_training_and_validation_losses(monkeypatch, tmp_pat
     drawn = {}
 
     def capture(fig, ax, title, ylabel="validation loss"):
-        drawn.update(ylabel=ylabel, lines={ln.get_label(): ln.get_ydata() for ln in ax.get_lines()})
+        lines = ax.get_lines()
+        drawn.update(ylabel=ylabel, lines={ln.get_label(): ln.get_ydata() for ln in lines})
+        drawn["colors"] = {ln.get_label(): ln.get_color() for ln in lines}
         return b"png"
 
     monkeypatch.setattr(module, "loss_png", capture)
@@ -199,6 +201,7 @@ def test_the_loss_plot_shows_training_and_validation_losses(monkeypatch, tmp_pat
     module.plot_losses({"dota": rows}, tmp_path / "loss.png", "dota")
     assert drawn["ylabel"] == "loss"
     assert list(drawn["lines"]["dota (train)"]) == [2.9, 2.7]
+    assert drawn["colors"]["dota (train)"] == drawn["colors"]["dota (validation)"]
     assert list(drawn["lines"]["dota (validation)"]) == [3.0, 2.8]
     assert (tmp_path / "loss.png").read_bytes() == b"png"
 
@@ -208,7 +211,7 @@ def test_a_state_left_aside_by_a_killed_save_is_resumed_not_restarted(
 ):
     run = tmp_path / "run"
     finetune(spec(tiny_lm, instruction_data[0], max_steps=2), run, progress=False)
-    os.rename(run / "state", run / ".state.k2j4.old")  # killed between the swap's renames
+    os.rename(run / "state", run / ".state.0123abcd.old")  # killed between the swap's renames
 
     def no_training(*args, **kwargs):
         raise AssertionError("the finished run was trained again")
@@ -217,4 +220,15 @@ def test_a_state_left_aside_by_a_killed_save_is_resumed_not_restarted(
     again = finetune(spec(tiny_lm, instruction_data[0], max_steps=2), run, progress=False)
     assert again.steps == 2
     assert (run / "state").is_dir()
-    assert not (run / ".state.k2j4.old").exists()
+    assert not (run / ".state.0123abcd.old").exists()
+
+
+def test_restart_ignores_a_state_left_aside_by_a_killed_save(tiny_lm, instruction_data, tmp_path):
+    run = tmp_path / "run"
+    finetune(spec(tiny_lm, instruction_data[0], max_steps=2), run, progress=False)
+    os.rename(run / "state", run / ".state.0123abcd.old")  # killed between the swap's renames
+    again = finetune(
+        spec(tiny_lm, instruction_data[0], max_steps=3), run, restart=True, progress=False
+    )
+    assert again.steps == 3  # a fresh run with its own settings, not the old state
+    assert not (run / ".state.0123abcd.old").exists()

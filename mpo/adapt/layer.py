@@ -361,19 +361,20 @@ class DoTALinear(nn.Module):
         """Fold adapters' updates into the base weight (PEFT's signature); return the base layer.
 
         ``adapter_names`` (default: the active one, if this layer holds it) are
-        folded in once each. The weight becomes ``W0 + Delta`` rounded to its
-        dtype, and the layer's output is then that of the merged weight.
-        :meth:`unmerge` subtracts them again, which restores ``W0`` up to that
-        rounding. With ``safe_merge`` the merged weight is checked for NaN or Inf
-        first, and the weight left as it was if it has any.
+        folded in once each; names this layer does not hold are skipped (an
+        adapter need not target every layer), as PEFT does. The weight becomes
+        ``W0 + Delta`` rounded to its dtype, and the layer's output is then that
+        of the merged weight. :meth:`unmerge` subtracts them again, which
+        restores ``W0`` up to that rounding. With ``safe_merge`` the merged
+        weight is checked for NaN or Inf first, and left as it was if it has any.
         """
         if adapter_names is None:
             held = self.active_adapter in self.dota_cores
             adapter_names = [self.active_adapter] if held else []
         for name in adapter_names:
-            if name in self.merged_adapters:
+            if name in self.merged_adapters or name not in self.dota_cores:
                 continue
-            self._fold(self._held(name), 1, safe=safe_merge)
+            self._fold(name, 1, safe=safe_merge)
             self.merged_adapters.append(name)
         return self.base_layer
 
@@ -435,7 +436,7 @@ class DoTALinear(nn.Module):
         else:
             y = self.base_layer(x, *args, **kwargs)
             y = y + factored_delta(x, *self._pair(cores, init, layout), layout).to(y.dtype)
-        if training:
+        if training and y.requires_grad:  # (not under torch.func transforms, say)
             self._awaiting_backward = True
             y.register_hook(self._backward_reached)
         return y

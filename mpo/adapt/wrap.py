@@ -163,6 +163,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if adapter_name not in adapters:
         raise MPOError(f"the model has no adapter named {adapter_name!r}; it has {adapters}")
     layers = dota_layers(model)
+    merged = [n for n, layer in layers if adapter_name in getattr(layer, "merged_adapters", [])]
+    if merged:  # checked first: a deletion stopped halfway would leave it in some layers
+        raise MPOError(f"{merged[0]} has {adapter_name!r} merged; unmerge it before deleting")
     if any(layer.active_adapter == adapter_name for _, layer in layers):
         raise MPOError(
             f"{adapter_name!r} is the active adapter; mpo.adapt.set_adapter(model, name) another "
@@ -489,6 +492,8 @@ def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
     merged_4bit = []
     for name, layer in dota_layers(model):
         quantized = isinstance(layer, QDoTALinear)
+        if not quantized and layer.merged_adapters not in ([], [layer.active_adapter]):
+            layer.unmerge()  # other adapters merged by hand: the active one alone is kept
         replace_module(model, name, layer.merge_and_unload(dtype) if quantized else layer.merge())
         if quantized:
             merged_4bit.append(name)

@@ -164,6 +164,8 @@ def compare(
             f"two arms are labelled {repeated[0]!r}; give each its own label (their runs would "
             f"share the folder {repeated[0]}/ and one table row)"
         )
+    if len(set(seeds)) != len(seeds):
+        raise MPOError(f"seeds {list(seeds)} repeat one; each seed runs into its own folder")
     out = Path(out)
     rows, curves = [], {}
     for arm in arms:

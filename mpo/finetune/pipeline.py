@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mpo.adapt.config import PAPER_TARGETS
-from mpo.atomic import write_json
+from mpo.atomic import remove_folder, write_json
 from mpo.errors import MPOError
 from mpo.finetune.data import encode, load_records, split
 from mpo.finetune.methods import METHODS, load_model, load_tokenizer, method, prepare
@@ -87,13 +86,11 @@ def _sha256(path: str) -> str:
 
 
 def clear_run(out: Path) -> None:
-    """Delete what a previous run wrote to ``out`` (only the files a run writes)."""
+    """Delete what a previous run wrote to ``out`` (only the files a run writes, with the
+    staging and backup folders of its atomic saves: a backup left by a killed save
+    would otherwise be taken back as the run's state)."""
     for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        remove_folder(out / name)
 
 
 def finetune(

@@ -348,12 +348,20 @@ def plot_losses(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, t
     of each optimizer step), one of each per name in ``curves`` (metric rows), as a PNG."""
     fig, ax = loss_figure()
     for name, rows in curves.items():
-        train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
-        if train:
-            ax.plot(*zip(*train, strict=True), linewidth=0.8, alpha=0.6, label=f"{name} (train)")
         points = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
         steps, losses = [p[0] for p in points], [p[1] for p in points]
-        ax.plot(steps, losses, marker="o", markersize=3, label=f"{name} (validation)")
+        (line,) = ax.plot(steps, losses, marker="o", markersize=3, label=f"{name} (validation)")
+        train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+        if train:  # the run's colour, thinner
+            steps, losses = [p[0] for p in train], [p[1] for p in train]
+            ax.plot(
+                steps,
+                losses,
+                color=line.get_color(),
+                linewidth=0.8,
+                alpha=0.6,
+                label=f"{name} (train)",
+            )
     write_bytes(path, loss_png(fig, ax, title, ylabel="loss"))
 
 
@@ -542,7 +550,9 @@ def train(
                 f"{state_dir}: rerun the same command to resume"
             )
     with contextlib.suppress(ImportError):
-        plot_losses({method: metrics}, out / "val_loss.png", f"{method}: validation loss")
+        plot_losses(
+            {method: metrics}, out / "val_loss.png", f"{method}: training and validation loss"
+        )
     return RunResult(
         out=out,
         steps=total_steps,
