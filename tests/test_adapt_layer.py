@@ -620,6 +620,29 @@ def test_generation_after_an_optimizer_step_uses_the_new_cores(optimizer, traini
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_generation_reuses_the_halves_while_the_cores_stay_put(monkeypatch):
+    layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+    layer.strategy = "factored"
+    computed = []
+    real_pair = mpo.adapt.layer.pair
+
+    def counted(*args):
+        computed.append(1)
+        return real_pair(*args)
+
+    monkeypatch.setattr(mpo.adapt.layer, "pair", counted)
+    x = torch.randn(1, 64)
+    layer(x).sum().item()  # a forward with autograd on and no backward (a logged loss)
+    with torch.no_grad():
+        for _ in range(5):  # five generated tokens
+            layer(x)
+    assert len(computed) == 2  # the logged forward, then once for the five
+    torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1).step()
+    with torch.no_grad():
+        layer(x)
+    assert len(computed) == 3  # a step, even without gradients, recomputes
+
+
 @pytest.mark.parametrize("strategy", ["dense", "factored"])
 def test_conv1d_layer_matches_its_updated_weight(strategy):
     from transformers.pytorch_utils import Conv1D

@@ -115,6 +115,26 @@ def checked_operator(cores: Sequence[torch.Tensor], out_features: int, in_featur
     return operator
 
 
+# Optimizer steps taken in this process (any torch.optim optimizer), for the generation
+# cache of DoTALinear._pair: a fused step changes the cores without a version bump.
+_optimizer_steps = 0
+_step_hook = None
+
+
+def _count_optimizer_steps() -> None:
+    """Count optimizer steps from now on (once per process; torch's global post-step hook)."""
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_stepped)
+
+
+def _stepped(optimizer: Any, args: Any, kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
 class DoTALinear(nn.Module):
     """A frozen ``nn.Linear`` (or ``Conv1D``) with DoTA adapters.
 
@@ -167,7 +187,7 @@ class DoTALinear(nn.Module):
         self.disable_adapters = False
         self.strategy = "auto"
         self._pair_cache = None
-        self._awaiting_backward = False  # see _pair
+        _count_optimizer_steps()
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
 
@@ -421,8 +441,6 @@ class DoTALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self.active_adapter
-        if torch.is_grad_enabled():  # training: the cores are about to change (see _pair)
-            self._pair_cache = None
         if self.disable_adapters or self.merged or name not in self.dota_cores:
             return self.base_layer(x, *args, **kwargs)
         cores, init, layout = self.cores(name), self.initial_cores(name), self._layouts[name]
@@ -436,14 +454,7 @@ class DoTALinear(nn.Module):
         else:
             y = self.base_layer(x, *args, **kwargs)
             y = y + factored_delta(x, *self._pair(cores, init, layout), layout).to(y.dtype)
-        if training and y.requires_grad:  # (not under torch.func transforms, say)
-            self._awaiting_backward = True
-            y.register_hook(self._backward_reached)
         return y
-
-    def _backward_reached(self, grad: torch.Tensor) -> None:
-        """Hook on a training output: its backward has begun (see :meth:`_pair`)."""
-        self._awaiting_backward = False
 
     def _pair(self, cores: list, init: list | None, layout: Layout) -> tuple:
         """``(A, B)`` with ``Delta = A @ B`` (:func:`mpo.adapt.delta.pair`); cached between
@@ -451,13 +462,10 @@ class DoTALinear(nn.Module):
 
         Generation calls the layer once per token with unchanged cores. The cache
         is keyed by the identities, dtypes and version counters of ``T`` and ``T0``,
-        which in-place updates (``load_state_dict``, most optimizer steps) bump.
-        A fused optimizer step (``AdamW(fused=True)``, ``Trainer``'s default)
-        bumps none, so the cache is also dropped by every forward with autograd on
-        (training), and neither filled nor used from such a forward until its
-        backward has begun, nor while a core holds a gradient: an optimizer step
-        may come then. Writes through ``.data`` bypass version counters and go
-        unseen.
+        which in-place updates (``load_state_dict``) bump, and by the number of
+        optimizer steps taken in this process: a fused step (``AdamW(fused=True)``,
+        ``Trainer``'s default) bumps no version counter. Writes through ``.data``
+        bypass both and go unseen.
         """
 
         def compute() -> tuple:
@@ -465,15 +473,12 @@ class DoTALinear(nn.Module):
             with torch.autocast(cores[0].device.type, enabled=False):
                 return pair(cores, init, layout)
 
-        if (
-            torch.is_grad_enabled()
-            or self._awaiting_backward
-            or any(core.grad is not None for core in cores)
-        ):
+        if torch.is_grad_enabled():
             self._pair_cache = None
             return compute()
         tensors = [*cores, *(init or [])]
-        key = (self.active_adapter, *((id(t), t._version, t.device, t.dtype) for t in tensors))
+        versions = ((id(t), t._version, t.device, t.dtype) for t in tensors)
+        key = (self.active_adapter, _optimizer_steps, *versions)
         cached = self._pair_cache
         if cached is None or cached[0] != key:
             cached = (key, compute())
