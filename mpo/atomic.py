@@ -116,11 +116,17 @@ def publish_folder(staging: str | os.PathLike, target: str | os.PathLike) -> Non
             os.rename(backup, target)
             raise
         # the new folder is in place; a backup left behind would only cost disk space
-        if backup.is_dir() and not backup.is_symlink():
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            backup.unlink(missing_ok=True)
+        _delete(backup, ignore_errors=True)
     fsync(target.parent)
+
+
+def _delete(path: Path, *, ignore_errors: bool = False) -> None:
+    """Remove a folder with its content (with ``ignore_errors``, as much as can be), or
+    a file or link (not what a link points to); nothing if there is nothing."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _siblings(target: Path, suffix: str) -> list[Path]:
@@ -151,10 +157,7 @@ def remove_folder(target: str | os.PathLike) -> None:
     """Delete ``target`` and every staging or backup folder of it (a fresh start)."""
     target = Path(target)
     for path in (target, *_siblings(target, ".tmp"), *_siblings(target, ".old")):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+        _delete(path)
 
 
 @contextlib.contextmanager

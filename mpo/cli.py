@@ -142,7 +142,7 @@ def _finetune(args: argparse.Namespace) -> int:
         train=config,
         **spec_options,
     )
-    out = args.out
+    out = args.out  # main fills in the default, out/finetune/METHOD
     result = finetune(spec, out, restart=args.restart, progress=_progress(args))
     print(
         f"{args.method}: {result.steps} steps, best validation loss {result.best_val_loss:.4f} "
@@ -359,10 +359,7 @@ _OUTPUTS = {
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse an output path that cannot be written (a folder given for a file, a file
-    for a folder, or a path below a file) before any work, not after it; fills in
-    finetune's default ``--out``."""
-    if args.command == "finetune" and args.out is None:  # the default depends on --method
-        args.out = Path("out") / "finetune" / args.method
+    for a folder, or a path below a file) before any work, not after it."""
     for (command, option), kind in _OUTPUTS.items():
         path = getattr(args, option, None) if args.command == command else None
         if path is None:
@@ -390,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.disable_progress_bar()
     # raised inside peft's own calls into transformers 5; nothing a user of mpo can act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    if args.command == "finetune" and args.out is None:  # the default depends on --method
+        args.out = Path("out") / "finetune" / args.method
     try:
         _check_outputs(args)
         return args.run(args)

@@ -30,8 +30,7 @@ def checked_tol(tol: Any) -> float | None:
     non-negative finite number; ``None`` stays ``None``."""
     if tol is None:
         return None
-    if not isinstance(tol, numbers.Real) or isinstance(tol, bool) or not math.isfinite(tol):
-        raise MPOError(f"tol must be a non-negative number (a relative error), got {tol!r}")
-    if tol < 0:
+    real = isinstance(tol, numbers.Real) and not isinstance(tol, bool)
+    if not (real and math.isfinite(tol) and tol >= 0):
         raise MPOError(f"tol must be a non-negative number (a relative error), got {tol!r}")
     return float(tol)

@@ -79,7 +79,7 @@ import mpo
 from mpo.adapt.config import DoTAConfig, check_adapter_name
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
-from mpo.adapt.targets import linear_modules, unused_when_wrapped, weight_shape
+from mpo.adapt.targets import base_linear, linear_modules, unused_when_wrapped, weight_shape
 from mpo.adapt.wrap import check_can_add, check_target, check_untied, dota_layers, install
 from mpo.atomic import staged_folder, write_json
 from mpo.errors import MPOError
@@ -189,9 +189,7 @@ def _record_from_json(data: Any) -> _Record:
 
 def _kind(module: nn.Module) -> str:
     """``"Linear"`` or ``"Conv1D"``: the layer's kind, or that of the one a DoTA layer adapts."""
-    if isinstance(module, DoTALinear):
-        module = module.base_layer
-    return "Linear" if isinstance(module, nn.Linear) else "Conv1D"
+    return "Linear" if isinstance(base_linear(module), nn.Linear) else "Conv1D"
 
 
 def _record_of(layer: DoTALinear | QDoTALinear, adapter_name: str) -> _Record:

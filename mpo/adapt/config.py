@@ -8,13 +8,12 @@ config without the docs.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mpo.count import bond_ranks
-from mpo.errors import MPOError
+from mpo.errors import MPOError, is_count
 from mpo.tensorize import factorize
 
 __all__ = ["PAPER_TARGETS", "DoTAConfig", "check_adapter_name", "resolve_config"]
@@ -65,7 +64,7 @@ class DoTAConfig:
     def __post_init__(self) -> None:
         for name in ("rank", "num_cores"):  # numpy integers too, stored as int
             value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            if not is_count(value) or value < 1:
                 raise MPOError(f"{name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))
         if self.init not in _INITS:

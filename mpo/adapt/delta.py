@@ -31,7 +31,7 @@ round differently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from math import prod
 from typing import Any
@@ -61,10 +61,11 @@ class Layout:
 
     shapes: tuple[tuple[int, int, int, int], ...]
     transposed: bool
+    #: :func:`mpo.contract.half_plans` of ``shapes`` (None for one core), planned once,
+    #: here: torch.compile then reads a constant instead of tracing the planning
+    plans: tuple | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # planned once, here: torch.compile then reads a constant instead of tracing
-        # opt_einsum's planning behind half_plans' cache
         plans = half_plans(self.shapes) if len(self.shapes) > 1 else None
         object.__setattr__(self, "plans", plans)
 
@@ -84,7 +85,7 @@ class Layout:
     @cached_property
     def blocks(self) -> tuple[int, int, int, int]:
         """``(I_L, J_L, I_R, J_R)``: the row and column sizes of the two halves."""
-        if len(self.shapes) == 1:
+        if self.plans is None:
             return self.out_features, self.in_features, 1, 1
         split = self.plans[0]
         return (
@@ -203,6 +204,15 @@ def _merged(weight: Any, a: Any, b: Any, layout: Layout) -> Any:
     return merged
 
 
+def _plus(source: Any, update: Any) -> Any:
+    """``source + update`` (``source`` None: zero) into a new contiguous block in
+    ``update``'s dtype, rounded once."""
+    block = update.new_empty(update.shape)
+    if source is None:
+        return block.copy_(update)
+    return torch.add(source, update, out=block)
+
+
 def _row_block(matrix: Any, a: Any, b: Any, start: int, stop: int, layout: Layout) -> Any:
     """Rows ``(i_L, i_R)``, ``start <= i_L < stop``, of ``W0 + Delta``: ``(c I_R, J)``.
 
@@ -212,26 +222,16 @@ def _row_block(matrix: Any, a: Any, b: Any, start: int, stop: int, layout: Layou
     """
     i_l, j_l, i_r, j_r = layout.blocks
     product = (a.view(i_l, j_l, -1)[start:stop].flatten(0, 1) @ b).view(-1, j_l, i_r, j_r)
-    block = product.new_empty(stop - start, i_r, j_l, j_r)
-    if matrix is None:
-        block.copy_(product.permute(0, 2, 1, 3))
-    else:
-        source = matrix.view(i_l, i_r, j_l, j_r)[start:stop]
-        torch.add(source, product.permute(0, 2, 1, 3), out=block)
-    return block.view(-1, layout.in_features)
+    source = None if matrix is None else matrix.view(i_l, i_r, j_l, j_r)[start:stop]
+    return _plus(source, product.permute(0, 2, 1, 3)).view(-1, layout.in_features)
 
 
 def _column_block(matrix: Any, a: Any, b: Any, start: int, stop: int, layout: Layout) -> Any:
     """Columns ``(j_L, j_R)``, ``start <= j_L < stop``, of ``W0 + Delta``: ``(I, c J_R)``."""
     i_l, j_l, i_r, j_r = layout.blocks
     product = (a.view(i_l, j_l, -1)[:, start:stop].flatten(0, 1) @ b).view(i_l, -1, i_r, j_r)
-    block = product.new_empty(i_l, i_r, stop - start, j_r)
-    if matrix is None:
-        block.copy_(product.permute(0, 2, 1, 3))
-    else:
-        source = matrix.view(i_l, i_r, j_l, j_r)[:, :, start:stop]
-        torch.add(source, product.permute(0, 2, 1, 3), out=block)
-    return block.view(layout.out_features, -1)
+    source = None if matrix is None else matrix.view(i_l, i_r, j_l, j_r)[:, :, start:stop]
+    return _plus(source, product.permute(0, 2, 1, 3)).view(layout.out_features, -1)
 
 
 def _compute_dtype(a: Any, dtype: Any) -> Any:

@@ -233,9 +233,7 @@ class DoTALinear(nn.Module):
         dtype: torch.dtype | str = torch.float32,
     ) -> None:
         """Add the adapter ``adapter_name``: cores from the TT-SVD of the frozen weight."""
-        check_adapter_name(adapter_name, "update_layer")
-        if adapter_name in self.dota_cores:
-            raise MPOError(f"this layer already has an adapter named {adapter_name!r}")
+        self._check_new(adapter_name, "update_layer")  # before decomposing
         weight = self.base_layer.weight.detach()
         matrix = weight.T if self._transposed else weight
         cores, initial = new_cores(matrix, shape, rank, init, dtype)
@@ -255,9 +253,7 @@ class DoTALinear(nn.Module):
         The cores are copied; ``initial_cores`` is ``None`` when ``MPO(T0)`` is
         zero (random init). Shapes must describe this layer's ``(out, in)`` weight.
         """
-        check_adapter_name(adapter_name, "add_cores")
-        if adapter_name in self.dota_cores:
-            raise MPOError(f"this layer already has an adapter named {adapter_name!r}")
+        self._check_new(adapter_name, "add_cores")
         shape = (
             tuple(int(c.shape[1]) for c in cores),
             tuple(int(c.shape[2]) for c in cores),
@@ -291,6 +287,11 @@ class DoTALinear(nn.Module):
         self._layouts[adapter_name] = Layout(shapes, self._transposed)
         self.adapter_settings[adapter_name] = settings
 
+    def _check_new(self, adapter_name: str, where: str) -> None:
+        check_adapter_name(adapter_name, where)
+        if adapter_name in self.dota_cores:
+            raise MPOError(f"this layer already has an adapter named {adapter_name!r}")
+
     def set_adapter(self, adapter_name: str, *, missing_ok: bool = False) -> None:
         """Make ``adapter_name`` the active adapter (one is active at a time) and its
         cores the only trainable ones, as PEFT's ``set_adapter`` does.
@@ -299,10 +300,8 @@ class DoTALinear(nn.Module):
         its base layer's output while it is active: how
         :func:`mpo.adapt.set_adapter` treats the layers an adapter does not target.
         """
-        if adapter_name not in self.dota_cores and not missing_ok:
-            raise MPOError(
-                f"no adapter named {adapter_name!r}; this layer has {sorted(self.dota_cores)}"
-            )
+        if not missing_ok:
+            self._held(adapter_name)
         if self.merged_adapters:
             raise MPOError("unmerge() before switching adapters")
         self.active_adapter = adapter_name
@@ -315,10 +314,7 @@ class DoTALinear(nn.Module):
         Deleting the active adapter leaves the layer computing its base layer's
         output until another is set active.
         """
-        if adapter_name not in self.dota_cores:
-            raise MPOError(
-                f"no adapter named {adapter_name!r}; this layer has {sorted(self.dota_cores)}"
-            )
+        self._held(adapter_name)
         if adapter_name in self.merged_adapters:
             raise MPOError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
         del self.dota_cores[adapter_name]
@@ -445,16 +441,16 @@ class DoTALinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         cores, init, layout = self.cores(name), self.initial_cores(name), self._layouts[name]
         strategy = self.strategy
-        training = torch.is_grad_enabled() and any(core.requires_grad for core in cores)
         if strategy == "auto":
             rows = math.prod(x.shape[:-1])
+            training = torch.is_grad_enabled() and any(core.requires_grad for core in cores)
             strategy = choose(rows, layout, training=training, with_init=init is not None)
         if strategy == "dense":
-            y = dense_forward(x, self.base_layer.weight, self.base_layer.bias, cores, init, layout)
-        else:
-            y = self.base_layer(x, *args, **kwargs)
-            y = y + factored_delta(x, *self._pair(cores, init, layout), layout).to(y.dtype)
-        return y
+            return dense_forward(
+                x, self.base_layer.weight, self.base_layer.bias, cores, init, layout
+            )
+        y = self.base_layer(x, *args, **kwargs)
+        return y + factored_delta(x, *self._pair(cores, init, layout), layout).to(y.dtype)
 
     def _pair(self, cores: list, init: list | None, layout: Layout) -> tuple:
         """``(A, B)`` with ``Delta = A @ B`` (:func:`mpo.adapt.delta.pair`); cached between

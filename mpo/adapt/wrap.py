@@ -130,6 +130,12 @@ def install(
         raise
 
 
+def _check_known(model: nn.Module, adapter_name: str) -> None:
+    adapters = sorted(getattr(model, "dota_config", {}))
+    if adapter_name not in adapters:
+        raise MPOError(f"the model has no adapter named {adapter_name!r}; it has {adapters}")
+
+
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` the active adapter of the model and its cores the only
     trainable ones (PEFT's ``set_adapter``).
@@ -141,9 +147,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         MPOError: the model has no adapter of that name (the message lists those
             it has), or a layer is merged.
     """
-    adapters = sorted(getattr(model, "dota_config", {}))
-    if adapter_name not in adapters:
-        raise MPOError(f"the model has no adapter named {adapter_name!r}; it has {adapters}")
+    _check_known(model, adapter_name)
     layers = dota_layers(model)
     merged = [name for name, layer in layers if getattr(layer, "merged", False)]
     if merged:  # checked first: a switch stopped halfway would mix two adapters
@@ -159,9 +163,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     Another adapter must be left, and the deleted one must not be the active one:
     :func:`set_adapter` another first, or :func:`unwrap` to drop them all.
     """
-    adapters = sorted(getattr(model, "dota_config", {}))
-    if adapter_name not in adapters:
-        raise MPOError(f"the model has no adapter named {adapter_name!r}; it has {adapters}")
+    _check_known(model, adapter_name)
     layers = dota_layers(model)
     merged = [n for n, layer in layers if adapter_name in getattr(layer, "merged_adapters", [])]
     if merged:  # checked first: a deletion stopped halfway would leave it in some layers
@@ -374,25 +376,17 @@ def wrap(
     )
 
     def build(name: str, module: nn.Module) -> nn.Module:
+        options = {
+            "rank": resolved.rank,
+            "shape": resolved.factor_shapes(*weight_shape(module)),
+            "init": resolved.init,
+            "dtype": resolved.dtype,
+        }
         try:
             if isinstance(module, DoTALinear):  # a second adapter on the same layer
-                module.update_layer(
-                    adapter_name,
-                    rank=resolved.rank,
-                    shape=resolved.factor_shapes(*weight_shape(module)),
-                    init=resolved.init,
-                    dtype=resolved.dtype,
-                )
+                module.update_layer(adapter_name, **options)
                 return module
-            return kind(
-                module,
-                adapter_name,
-                rank=resolved.rank,
-                shape=resolved.factor_shapes(*weight_shape(module)),
-                init=resolved.init,
-                dtype=resolved.dtype,
-                **extra,
-            )
+            return kind(module, adapter_name, **options, **extra)
         except MPOError as err:
             raise MPOError(f"{name}: {err}. The model was left as it was") from err
 
