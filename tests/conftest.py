@@ -23,6 +23,16 @@ TINY_LLAMA = dict(
 )
 
 
+#: A BERT of the same scale (the encoder-only case).
+TINY_BERT = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+)
+
+
 def tiny_llama(**overrides):
     """A ``LlamaForCausalLM`` of :data:`TINY_LLAMA` (``overrides`` applied), in eval mode,
     seeded: the same weights on every call, as two loads of one checkpoint."""

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from conftest import TINY_BERT  # noqa: E402
 from conftest import tiny_llama as llama  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
@@ -52,14 +53,7 @@ def gpt2():
 def bert():
     """A tiny BERT masked LM (an encoder, every linear layer adapted)."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    return transformers.BertForMaskedLM(config).eval()
+    return transformers.BertForMaskedLM(transformers.BertConfig(**TINY_BERT)).eval()
 
 
 BUILDS = pytest.mark.parametrize(

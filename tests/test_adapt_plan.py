@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
-from conftest import TINY_LLAMA  # noqa: E402
+from conftest import TINY_BERT, TINY_LLAMA  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mpo import factorize, param_count  # noqa: E402
@@ -313,14 +313,7 @@ def test_multihead_attention_out_proj_is_never_adapted():
 
 
 def test_all_linear_leaves_out_the_models_output_embeddings(transformers):
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        is_decoder=True,
-    )
+    config = transformers.BertConfig(**{**TINY_BERT, "vocab_size": 100}, is_decoder=True)
     model = meta_causal_lm(transformers, config)
     names = targeted(model, target_modules="all-linear")
     assert model.get_output_embeddings() is model.cls.predictions.decoder

@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from conftest import TINY_LLAMA  # noqa: E402
+from conftest import TINY_BERT, TINY_LLAMA  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import (  # noqa: E402
@@ -64,13 +64,7 @@ def tiny_gpt2() -> nn.Module:
 
 
 def tiny_bert_config() -> BertConfig:
-    return BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
+    return BertConfig(**TINY_BERT)
 
 
 # name: (builder, target_modules); the Bert entries cover both ways of naming targets.
