@@ -35,8 +35,16 @@ class Backend:
         return np.issubdtype(dtype, np.floating)
 
     def working_dtype(self, dtype: Any) -> Any:
-        """float64 stays float64; every narrower float is decomposed in float32."""
-        return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+        """float64 and wider (long double) work in float64; every narrower float in float32."""
+        return (
+            np.dtype(np.float64)
+            if self.eps(dtype) <= np.finfo(np.float64).eps
+            else np.dtype(np.float32)
+        )
+
+    def eps(self, dtype: Any) -> float:
+        """Machine epsilon of the float ``dtype``: twice its unit roundoff."""
+        return float(np.finfo(dtype).eps)
 
     def cast(self, x: Any, dtype: Any) -> Any:
         return x.astype(dtype, copy=False)
@@ -110,6 +118,9 @@ class TorchBackend(Backend):
 
     def working_dtype(self, dtype: Any) -> Any:
         return self.torch.float64 if dtype == self.torch.float64 else self.torch.float32
+
+    def eps(self, dtype: Any) -> float:
+        return float(self.torch.finfo(dtype).eps)
 
     def cast(self, x: Any, dtype: Any) -> Any:
         return x.to(dtype)

@@ -33,7 +33,7 @@ from mpo.backend import Backend, backend_of
 from mpo.count import Rank, bond_ranks
 from mpo.errors import MPOError, checked_tol, is_count
 from mpo.operator import MPO
-from mpo.svd import singular_values, split, squared_norm
+from mpo.svd import singular_values, split, squared_norm, tolerance_budget
 from mpo.tensorize import check_factors, factorize, matrix_to_tensor
 
 __all__ = ["decompose", "unfolding_spectra"]
@@ -92,12 +92,18 @@ def _factors(
     return rows, cols
 
 
-def _tensor(W: Any, xp: Backend, rows: tuple[int, ...], cols: tuple[int, ...], dtype: Any) -> Any:
-    """The interleaved tensor of ``W`` as a contiguous array of the working dtype."""
+def _working(W: Any, xp: Backend, dtype: Any) -> Any:
+    """The dtype TT-SVD computes in: ``compute_dtype`` if given, else float64 for float64
+    (and wider) input and float32 for the rest."""
     working = xp.dtype(dtype) if dtype is not None else xp.working_dtype(W.dtype)
     if working not in (xp.dtype("float32"), xp.dtype("float64")):
         raise MPOError(f"compute_dtype must be float32 or float64, got {dtype!r}")
-    return xp.cast(xp.contiguous(matrix_to_tensor(xp.no_grad(W), rows, cols)), working)
+    return working
+
+
+def _tensor(W: Any, xp: Backend, rows: tuple[int, ...], cols: tuple[int, ...], dtype: Any) -> Any:
+    """The interleaved tensor of ``W`` as a contiguous array of the dtype ``dtype``."""
+    return xp.cast(xp.contiguous(matrix_to_tensor(xp.no_grad(W), rows, cols)), dtype)
 
 
 def decompose(
@@ -129,13 +135,16 @@ def decompose(
         Relative Frobenius error target: the result satisfies
         ``||W - MPO||_F <= tol ||W||_F``, with each bond as small as the
         per-step threshold ``tol / sqrt(N - 1) ||W||_F`` allows. With ``rank``
-        too, the smaller of the two ranks wins on each bond.
+        too, the smaller of the two ranks wins on each bond. A ``tol`` below
+        1e-5 is worked in float64 (float32 arithmetic errs by about 1e-6), and
+        one finer than the cores' dtype can hold (``2 sqrt(N) eps``: 0.035
+        for five bfloat16 cores, 5e-7 for float32) raises :class:`MPOError`.
     dtype:
         dtype of the returned cores (default: that of ``W``).
     compute_dtype:
-        ``"float32"`` or ``"float64"``; by default float64 for float64 input and
-        float32 for everything else (bfloat16 and float16 are never decomposed
-        in their own precision).
+        ``"float32"`` or ``"float64"``; by default float64 for float64 (or wider)
+        input and for a ``tol`` below 1e-5, float32 for everything else
+        (bfloat16 and float16 are never decomposed in their own precision).
 
     Returns
     -------
@@ -165,13 +174,18 @@ def decompose(
     out_dtype = xp.dtype(dtype) if dtype is not None else W.dtype
     if not xp.is_floating(out_dtype):
         raise MPOError(f"dtype {dtype!r} is not floating point: cores are; pass e.g. 'float32'")
-    remainder = _tensor(W, xp, rows, cols, compute_dtype)
+    n = len(rows)
+    working, budget = tolerance_budget(
+        xp, tol, _working(W, xp, compute_dtype), out_dtype, n, chosen=compute_dtype is not None
+    )
+    remainder = _tensor(W, xp, rows, cols, working)
     norm_sq = _checked_norm(W, remainder, xp)
 
-    n = len(rows)
     max_discarded = 0.0
-    if tol is not None and n > 1:
-        max_discarded = tol**2 / (n - 1) * norm_sq
+    if tol and n > 1:
+        max_discarded = budget**2 / (n - 1) * norm_sq
+        if norm_sq == 0.0:  # the zero matrix: rank 1 everywhere is exact
+            caps = (1,) * (n - 1)
     # `remainder` is the only reference to the tensorized copy, so it is freed after
     # the first step: peak memory stays near twice the matrix.
     cores, previous = [], 1
@@ -208,7 +222,7 @@ def unfolding_spectra(
     """
     xp = _check_matrix(W)
     rows, cols = _factors(tuple(W.shape), shape, num_cores)
-    tensor = _tensor(W, xp, rows, cols, None)
+    tensor = _tensor(W, xp, rows, cols, _working(W, xp, None))
     _checked_norm(W, tensor, xp)
     pair_sizes = [i * j for i, j in zip(rows, cols, strict=True)]
     return [

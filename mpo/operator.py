@@ -254,7 +254,9 @@ class MPO:
 
         and in general ``||W - W_rounded||_F^2`` is the sum of the discarded squared
         singular values. Ranks never grow. This is how the sum of two MPOs is
-        brought back to a small rank.
+        brought back to a small rank. As in :func:`mpo.decompose`, the bound
+        covers rounding: a ``tol`` below 1e-5 is worked in float64, and one
+        finer than the cores' dtype can hold raises :class:`MPOError`.
 
         >>> import numpy as np, mpo
         >>> a = mpo.decompose(np.random.default_rng(1).standard_normal((8, 8)), ((2, 4), (4, 2)), 4)

@@ -12,7 +12,7 @@ from typing import Any
 
 from mpo.backend import Backend
 from mpo.count import Rank, bond_ranks
-from mpo.svd import split, squared_norm
+from mpo.svd import split, squared_norm, tolerance_budget
 
 __all__ = ["round_cores"]
 
@@ -25,7 +25,9 @@ def round_cores(cores: tuple[Any, ...], xp: Backend, rank: Rank, tol: float | No
     if len(cores) == 1:
         return list(cores)
     dtype = cores[0].dtype
-    working = xp.working_dtype(dtype)
+    working, budget = tolerance_budget(
+        xp, tol, xp.working_dtype(dtype), dtype, len(cores), chosen=False
+    )
     rows = [int(core.shape[1]) for core in cores]
     cols = [int(core.shape[2]) for core in cores]
     caps = bond_ranks(rows, cols, rank)
@@ -39,8 +41,11 @@ def round_cores(cores: tuple[Any, ...], xp: Backend, rank: Rank, tol: float | No
         work[k - 1] = (work[k - 1].reshape(-1, r0) @ r.T).reshape(p0, pi, pj, -1)
 
     max_discarded = 0.0
-    if tol is not None:
-        max_discarded = tol**2 / (len(work) - 1) * squared_norm(work[0], xp)
+    if tol:
+        norm_sq = squared_norm(work[0], xp)
+        max_discarded = budget**2 / (len(work) - 1) * norm_sq
+        if norm_sq == 0.0:  # the zero matrix: rank 1 everywhere is exact
+            caps = (1,) * (len(work) - 1)
     for k in range(len(work) - 1):
         r0, i, j, r1 = work[k].shape
         step = split(work[k].reshape(r0 * i * j, r1), xp, caps[k], max_discarded)
