@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from math import prod
 
 from mpo.errors import MPOError, is_count
+from mpo.tensorize import factor_pairs
 
 __all__ = ["bond_ranks", "full_ranks", "param_count"]
 
@@ -31,7 +32,8 @@ def full_ranks(row_factors: Sequence[int], col_factors: Sequence[int]) -> tuple[
     >>> full_ranks((4, 4, 8, 8, 4), (4, 4, 8, 8, 4))
     (16, 256, 1024, 16)
     """
-    pair_sizes = [i * j for i, j in zip(row_factors, col_factors, strict=True)]
+    rows, cols = factor_pairs(row_factors, col_factors)
+    pair_sizes = [i * j for i, j in zip(rows, cols, strict=True)]
     return tuple(
         min(prod(pair_sizes[: k + 1]), prod(pair_sizes[k + 1 :]))
         for k in range(len(pair_sizes) - 1)
@@ -92,7 +94,7 @@ def param_count(row_factors: Sequence[int], col_factors: Sequence[int], rank: Ra
     100864
     """
     ranks = (1, *bond_ranks(row_factors, col_factors, rank), 1)
+    rows, cols = factor_pairs(row_factors, col_factors)
     return sum(
-        ranks[k] * i * j * ranks[k + 1]
-        for k, (i, j) in enumerate(zip(row_factors, col_factors, strict=True))
+        ranks[k] * i * j * ranks[k + 1] for k, (i, j) in enumerate(zip(rows, cols, strict=True))
     )

@@ -10,6 +10,7 @@ with row and column multi-indices read in C order (see :mod:`mpo.tensorize`).
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from math import prod
@@ -64,6 +65,11 @@ class MPO:
                 raise MPOError(
                     f"core {k} is a {type(core).__name__} of dtype {core.dtype}, core 0 a "
                     f"{type(cores[0]).__name__} of dtype {cores[0].dtype}; all cores must match"
+                )
+            if getattr(core, "device", None) != getattr(cores[0], "device", None):
+                raise MPOError(
+                    f"core {k} is on {core.device}, core 0 on {cores[0].device}; move the cores "
+                    "to one device first"
                 )
             if len(core.shape) != 4:
                 raise MPOError(
@@ -230,8 +236,14 @@ class MPO:
             return NotImplemented
         if not isinstance(scalar, numbers.Real):
             raise MPOError(f"an MPO is scaled by a real number, got {scalar!r}")
-        # a Python float keeps the cores' dtype, where a numpy float64 scalar would not
-        return MPO([*self._cores[:-1], self._cores[-1] * float(scalar)])
+        try:  # a Python float keeps the cores' dtype, where a numpy float64 scalar would not
+            factor = float(scalar)
+        except OverflowError:
+            factor = math.inf
+        if not math.isfinite(factor):
+            shown = repr(scalar) if len(repr(scalar)) <= 24 else f"{repr(scalar)[:20]}..."
+            raise MPOError(f"cannot scale an MPO by {shown}: cores must stay finite")
+        return MPO([*self._cores[:-1], self._cores[-1] * factor])
 
     __rmul__ = __mul__
 

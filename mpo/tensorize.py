@@ -104,14 +104,20 @@ def factorize(n: int, num_factors: int = 5) -> tuple[int, ...]:
     return tuple(placed)
 
 
-def check_factors(
-    shape: tuple[int, int], row_factors: Sequence[int], col_factors: Sequence[int]
+def factor_pairs(
+    row_factors: Sequence[int], col_factors: Sequence[int]
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Validate that the factors multiply to ``shape`` and return them as tuples."""
+    """Validate factor shapes (positive integers, one row and one column factor per
+    core) and return them as tuples of ints."""
     if not all(isinstance(f, Sequence) for f in (row_factors, col_factors)):
         raise MPOError(
             f"factor shapes must be a pair (row_factors, col_factors) of integer lists, got "
             f"{row_factors!r} and {col_factors!r}; e.g. ((4, 4, 8, 8, 4), (4, 4, 8, 8, 4))"
+        )
+    if not all(is_count(f) and f >= 1 for f in (*row_factors, *col_factors)):
+        raise MPOError(
+            f"factors must be positive integers, got rows {tuple(row_factors)} and columns "
+            f"{tuple(col_factors)}"
         )
     rows, cols = tuple(int(f) for f in row_factors), tuple(int(f) for f in col_factors)
     if len(rows) != len(cols) or not rows:
@@ -119,8 +125,14 @@ def check_factors(
             f"row factors {rows} and column factors {cols} must be non-empty and of equal "
             "length (one pair per core); pad the shorter one with 1s"
         )
-    if any(f < 1 for f in rows + cols):
-        raise MPOError(f"factors must be positive integers, got rows {rows} and columns {cols}")
+    return rows, cols
+
+
+def check_factors(
+    shape: tuple[int, int], row_factors: Sequence[int], col_factors: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validate that the factors multiply to ``shape`` and return them as tuples."""
+    rows, cols = factor_pairs(row_factors, col_factors)
     if prod(rows) != shape[0] or prod(cols) != shape[1]:
         raise MPOError(
             f"factor shapes {rows} x {cols} describe a {prod(rows)} x {prod(cols)} matrix, "

@@ -95,3 +95,19 @@ def test_rank_list_of_wrong_length_is_rejected():
 def test_rank_list_with_zero_is_rejected():
     with pytest.raises(mpo.MPOError, match="every bond rank must be at least 1"):
         mpo.bond_ranks(LLAMA, LLAMA, [16, 0, 16, 16])
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "message"),
+    [
+        ((4, 4), (4, 4, 4), "equal length"),
+        ((4, 0), (4, 4), "positive integers"),
+        ((4, -2), (4, 4), "positive integers"),
+        ((4, 2.0), (4, 4), "positive integers"),
+        (16, 16, "pair .* of integer lists"),
+    ],
+)
+def test_bad_factor_shapes_are_rejected_by_every_count(rows, cols, message):
+    for count in (mpo.full_ranks, mpo.param_count, lambda r, c: mpo.bond_ranks(r, c, 2)):
+        with pytest.raises(mpo.MPOError, match=message):
+            count(rows, cols)

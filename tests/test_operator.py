@@ -233,6 +233,17 @@ class TestBadInput:
         with pytest.raises(mpo.MPOError, match="all cores must match"):
             mpo.MPO([np.zeros((1, 2, 2, 1)), np.zeros((1, 2, 2, 1), dtype=np.float32)])
 
+    def test_mixed_devices(self):
+        here, elsewhere = torch.zeros(1, 2, 2, 1), torch.zeros(1, 2, 2, 1, device="meta")
+        with pytest.raises(mpo.MPOError, match="core 1 is on meta, core 0 on cpu"):
+            mpo.MPO([here, elsewhere])
+
+    @pytest.mark.parametrize("scalar", [float("nan"), float("inf"), 10**400])
+    def test_scaling_by_a_non_finite_number(self, scalar):
+        m = random_mpo(((2, 3), (3, 2)), 2, 0)
+        with pytest.raises(mpo.MPOError, match="cores must stay finite"):
+            m * scalar
+
     def test_adding_mpos_of_different_factors(self):
         a = random_mpo(((2, 3), (3, 2)), 2, 0)
         b = random_mpo(((3, 2), (3, 2)), 2, 0)
