@@ -97,9 +97,36 @@ def _core_terms(rows: list[str], cols: list[str], bonds: list[str]) -> list[str]
     return [bonds[k] + rows[k] + cols[k] + bonds[k + 1] for k in range(len(rows))]
 
 
+def _without_unit_indices(
+    equation: str, shapes: tuple[tuple[int, ...], ...]
+) -> tuple[str, list[tuple[int, ...]]]:
+    """``equation`` and ``shapes`` with every index of size 1 dropped."""
+    inputs, output = equation.split("->")
+    terms = inputs.split(",")
+    sizes = {
+        s: d
+        for term, shape in zip(terms, shapes, strict=True)
+        for s, d in zip(term, shape, strict=True)
+    }
+
+    def kept(term: str) -> str:
+        return "".join(s for s in term if sizes[s] != 1)
+
+    squeezed = ",".join(kept(term) for term in terms) + "->" + kept(output)
+    return squeezed, [tuple(d for d in shape if d != 1) for shape in shapes]
+
+
 def _plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> ContractionPlan:
-    _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=_optimizer())
-    expression = opt_einsum.contract_expression(equation, *shapes, optimize=info.path)
+    # The path (which operands to pair, in which order) is searched without the indices
+    # of size 1: they change no cost but defeat the search's pruning, since every pairing
+    # through them costs the same, and x @ mpo, whose x meets every core, has 2^N of
+    # those (14 cores with factors of 1: 7.7 s to plan; 1 ms without them).
+    squeezed, squeezed_shapes = _without_unit_indices(equation, shapes)
+    path, _ = opt_einsum.contract_path(
+        squeezed, *squeezed_shapes, shapes=True, optimize=_optimizer()
+    )
+    _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path)
+    expression = opt_einsum.contract_expression(equation, *shapes, optimize=path)
     return ContractionPlan(equation, shapes, expression, info, _letters(equation))
 
 
