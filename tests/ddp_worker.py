@@ -1,6 +1,6 @@
-"""One process of the DDP test in ``test_adapt_training.py``: SGD on a wrapped tiny LLaMA.
+"""One process of the distributed tests in ``test_adapt_training.py``: SGD on a wrapped tiny LLaMA.
 
-Run as ``python ddp_worker.py RANK WORLD_SIZE PORT OUT [nf4]``. Every process
+Run as ``python ddp_worker.py RANK WORLD_SIZE PORT OUT [nf4|fsdp2]``. Every process
 builds the same model and the same global batch from fixed seeds; with
 ``WORLD_SIZE == 2`` it joins a gloo process group on 127.0.0.1:PORT, trains
 ``torch.nn.parallel.DistributedDataParallel`` on its half of the batch, and
@@ -8,7 +8,10 @@ with ``WORLD_SIZE == 1`` it trains the plain model on the whole batch. With
 ``nf4`` the model is wrapped by QDoTA and DDP gets ``broadcast_buffers=False``,
 as docs/how-to/distributed.md advises (the residuals are buffers). The
 trained cores go to ``OUT`` as safetensors; the test calls :func:`train`
-itself for the single-process reference.
+itself for the single-process reference. With ``fsdp2`` the model is sharded by
+``fully_shard`` (each decoder layer, then the whole) instead, and after training
+every rank calls ``save_adapter(model, OUT/adapter)`` and ``merge_and_unload``;
+``OUT/logits-RANK.safetensors`` holds the merged model's logits on the batch.
 """
 
 from __future__ import annotations
@@ -29,15 +32,25 @@ SEQUENCE = 8
 VOCAB = TINY_LLAMA["vocab_size"]
 
 
-def train(rank: int, world_size: int, port: int, quantize: str | None = None) -> dict:
-    """The cores after ``STEPS`` SGD steps, by name (contiguous, for safetensors)."""
+def base_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(**TINY_LLAMA)
+    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+
+
+def global_batch() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQUENCE), generator=generator)
+
+
+def train(
+    rank: int, world_size: int, port: int, quantize: str | None = None, out: str | None = None
+) -> dict:
+    """The cores after ``STEPS`` SGD steps, by name (contiguous, for safetensors)."""
+    sharding = quantize == "fsdp2"
+    quantize = None if sharding else quantize
     extra = {"quantize": quantize, "dtype": "float32"} if quantize else {}
-    model = mpo.adapt.wrap(LlamaForCausalLM(config), rank=4, num_cores=3, quiet=True, **extra)
-    batch = torch.randint(
-        0, VOCAB, (GLOBAL_BATCH, SEQUENCE), generator=torch.Generator().manual_seed(1)
-    )
+    model = mpo.adapt.wrap(base_model(), rank=4, num_cores=3, quiet=True, **extra)
+    batch = global_batch()
     shard = batch.chunk(world_size)[rank]
     trained = model
     if world_size > 1:
@@ -50,9 +63,16 @@ def train(rank: int, world_size: int, port: int, quantize: str | None = None) ->
             # one rank tens of seconds after the other
             timeout=timedelta(seconds=120),
         )
-        trained = torch.nn.parallel.DistributedDataParallel(
-            model, broadcast_buffers=quantize is None
-        )
+        if sharding:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            trained = fully_shard(model)
+        else:
+            trained = torch.nn.parallel.DistributedDataParallel(
+                model, broadcast_buffers=quantize is None
+            )
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(STEPS):
         # The loss is a mean over the shard's tokens and DDP averages over ranks,
@@ -60,6 +80,12 @@ def train(rank: int, world_size: int, port: int, quantize: str | None = None) ->
         trained(input_ids=shard, labels=shard).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    if sharding:  # every rank: the cores are gathered, rank 0 writes
+        mpo.adapt.save_adapter(model, f"{out}/adapter")
+        mpo.adapt.merge_and_unload(model)
+        with torch.no_grad():
+            logits = model(input_ids=batch).logits
+        save_file({"logits": logits.contiguous()}, f"{out}/logits-{rank}.safetensors")
     if world_size > 1:
         # Rank 0 hosts the rendezvous store: leaving before the others are done with
         # it would hang them, so everyone meets once more before tearing down.
@@ -75,5 +101,8 @@ def train(rank: int, world_size: int, port: int, quantize: str | None = None) ->
 if __name__ == "__main__":
     rank, world_size, port = (int(arg) for arg in sys.argv[1:4])
     torch.set_num_threads(1)  # two ranks share the test machine's cores
-    quantize = sys.argv[5] if len(sys.argv) > 5 else None
-    save_file(train(rank, world_size, port, quantize), sys.argv[4])
+    mode = sys.argv[5] if len(sys.argv) > 5 else None
+    if mode == "fsdp2":
+        train(rank, world_size, port, mode, out=sys.argv[4])
+    else:
+        save_file(train(rank, world_size, port, mode), sys.argv[4])

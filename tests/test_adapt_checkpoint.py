@@ -135,6 +135,16 @@ def test_round_trip_gives_the_saved_models_output_exactly(build, init, tmp_path)
     assert not torch.equal(logits(loaded), logits(build()))
 
 
+def test_wrappers_names_are_left_out_of_the_checkpoint(trained_llama, tmp_path):
+    # torch.compile (and FSDP1, activation checkpointing) insert a segment into every
+    # module name; the checkpoint must name the plain model's modules
+    model, _ = trained_llama
+    save_adapter(torch.compile(model), tmp_path / "adapter")
+    header = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert not any("_orig_mod" in name for name in header["modules"])
+    assert torch.equal(logits(load_adapter(llama(), tmp_path / "adapter")), logits(model))
+
+
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_loading_never_decomposes(trained_llama, monkeypatch, tmp_path, quantize):
     # the cores come from the file; a TT-SVD of the base weight would be wasted time

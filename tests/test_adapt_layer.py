@@ -643,6 +643,44 @@ def test_generation_reuses_the_halves_while_the_cores_stay_put(monkeypatch):
     assert len(computed) == 3  # a step, even without gradients, recomputes
 
 
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda core: setattr(core, "data", core.data * 1.5),  # new storage
+        lambda core: torch.nn.utils.vector_to_parameters(
+            torch.nn.utils.parameters_to_vector([core]) * 1.5, [core]
+        ),
+    ],
+    ids=["data-assignment", "vector_to_parameters"],
+)
+def test_generation_sees_cores_given_new_data(write):
+    layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+    perturb(layer)
+    layer.strategy = "factored"
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        before = layer(x)
+        write(layer.cores()[-1])
+        after = layer(x)
+        expected = layer.base_layer(x) + x @ layer.get_delta_weight().T
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_clear_cache_after_a_write_autograd_does_not_see():
+    layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+    perturb(layer)
+    layer.strategy = "factored"
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        before = layer(x)
+        layer.cores()[-1].data.mul_(1.5)  # in place, behind the version counter
+        assert torch.equal(layer(x), before)  # the documented blind spot
+        layer.clear_cache()
+        expected = layer.base_layer(x) + x @ layer.get_delta_weight().T
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", ["dense", "factored"])
 def test_conv1d_layer_matches_its_updated_weight(strategy):
     from transformers.pytorch_utils import Conv1D

@@ -279,8 +279,24 @@ def test_a_string_is_a_regex_over_the_whole_qualified_name():
         "layers.1.q_proj",
         "layers.1.v_proj",
     ]
-    with pytest.raises(MPOError, match="no module"):
+    with pytest.raises(MPOError, match=r"no module.*pass \[\'q_proj\'\] to match it as a name"):
         targeted(model, target_modules="q_proj")  # fullmatch: no top-level q_proj
+
+
+def test_all_linear_is_recognised_in_any_case():
+    model = toy_model()
+    assert targeted(model, target_modules="ALL-Linear") == targeted(
+        model, target_modules="all-linear"
+    )
+
+
+def test_the_cores_dtype_may_be_a_torch_dtype():
+    import torch
+
+    assert DoTAConfig(dtype=torch.bfloat16).dtype == "bfloat16"
+    assert DoTAConfig(dtype=torch.bfloat16).to_dict()["dtype"] == "bfloat16"
+    with pytest.raises(MPOError, match="dtype must be one of"):
+        DoTAConfig(dtype=torch.int8)
 
 
 def test_an_invalid_regex_is_an_mpo_error():

@@ -303,6 +303,12 @@ class TestWrap:
         q_proj = merged.model.layers[0].self_attn.q_proj
         assert q_proj.weight.dtype == torch.bfloat16
         assert torch.equal(q_proj.weight, expected.to(torch.bfloat16))
+        # the rest of the float32 model follows, so that it runs (it mixed dtypes)
+        assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+        with torch.no_grad():
+            assert torch.isfinite(
+                merged(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits
+            ).all()
 
     def test_transformers_trainer_trains_the_cores(self, tmp_path):
         model = mpo.adapt.wrap(tiny_llama(), quantize="nf4", rank=4, num_cores=2, quiet=True)

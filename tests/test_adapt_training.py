@@ -33,6 +33,8 @@ from transformers import (  # noqa: E402
 )
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+import mpo.adapt  # noqa: E402
+from mpo import MPOError  # noqa: E402
 from mpo.adapt import (  # noqa: E402
     PAPER_TARGETS,
     DoTALinear,
@@ -258,6 +260,17 @@ def test_merge_and_unload_keeps_the_adapted_outputs(architecture):
         merged = first_output(merge_and_unload(model), ids)
     assert not torch.allclose(adapted, base)  # the update is not zero
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_with_a_dtype_casts_the_whole_model():
+    model, ids = trained_adapter("llama"), token_batch()
+    with torch.no_grad():
+        adapted = first_output(model, ids)
+        merged = merge_and_unload(model, dtype="bfloat16")
+        assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+        torch.testing.assert_close(first_output(merged, ids).float(), adapted, rtol=0.05, atol=0.05)
+    with pytest.raises(MPOError, match="dtype must be a floating torch dtype"):
+        merge_and_unload(trained_adapter("llama"), dtype="int8")
 
 
 @pytest.mark.parametrize("architecture", CAUSAL_LMS)
@@ -488,6 +501,49 @@ def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(quantiz
     initial = snapshot_cores(adapted_model())
     assert single.keys() == initial.keys()
     assert all(not torch.allclose(single[name], initial[name]) for name in initial)
+
+
+def test_fsdp2_trains_saves_and_merges_like_one_process(tmp_path):
+    # fully_shard keeps the cores as DTensor shards outside forward and backward:
+    # save_adapter gathers them on every rank (rank 0 writes), merging cuts Delta to the
+    # weight's shard
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed")
+    port, environment = free_loopback_port(), worker_environment()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), "2", str(port), str(tmp_path), "fsdp2"],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        worker = load_worker()
+        single = adapted_like_the_worker(worker)
+        logs = [process.communicate(timeout=300)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(logs)
+    batch = worker.global_batch()
+    with torch.no_grad():
+        expected = single(input_ids=batch).logits
+        loaded = mpo.adapt.load_adapter(worker.base_model(), tmp_path / "adapter")
+        torch.testing.assert_close(loaded(input_ids=batch).logits, expected, rtol=1e-4, atol=1e-5)
+        merged = merge_and_unload(single)(input_ids=batch).logits
+    for rank in range(2):
+        logits = load_file(tmp_path / f"logits-{rank}.safetensors")["logits"]
+        torch.testing.assert_close(logits, merged, rtol=1e-4, atol=1e-5)
+
+
+def adapted_like_the_worker(worker):
+    """The worker's model trained in this process on the whole batch."""
+    trained = worker.train(rank=0, world_size=1, port=0)
+    model = mpo.adapt.wrap(worker.base_model(), rank=4, num_cores=3, quiet=True)
+    assert not model.load_state_dict(trained, strict=False).unexpected_keys
+    return model
 
 
 # -- 9. gradient checkpointing ---------------------------------------------------------

@@ -79,6 +79,7 @@ import mpo
 from mpo.adapt.config import DoTAConfig, check_adapter_name
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
+from mpo.adapt.sharding import gathered, is_sharded, main_process
 from mpo.adapt.targets import base_linear, linear_modules, unused_when_wrapped, weight_shape
 from mpo.adapt.wrap import check_can_add, check_target, check_untied, dota_layers, install
 from mpo.atomic import staged_folder, write_json
@@ -229,6 +230,18 @@ def _adapted_layers(model: nn.Module, adapter_name: str | None) -> tuple[str, li
     return name, holding
 
 
+# Attribute names that wrappers insert between a model's own module names: FSDP1's units,
+# activation checkpointing's wrapper, torch.compile's module.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrapped_name(qualified: str) -> str:
+    """``qualified`` as the unwrapped model names the module (what a checkpoint records)."""
+    for segment in _WRAPPER_SEGMENTS:
+        qualified = qualified.replace(segment, "")
+    return qualified
+
+
 def _base_model_name(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
@@ -304,6 +317,14 @@ def save_adapter(
     For QDoTA layers the file holds ``T`` and ``T0`` only, not the 4-bit
     residual: :func:`load_adapter` rebuilds it from the base weights.
 
+    Distributed: with DDP, call it on one process with the inner model. With
+    FSDP2 (``fully_shard``), call it on every rank with the sharded model: the
+    cores are gathered (a collective) and rank 0 writes. With FSDP1, call it on
+    every rank inside ``FullyShardedDataParallel.summon_full_params(model)``
+    with ``model.module``. Module names are recorded without the wrappers'
+    segments (``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``,
+    ``_orig_mod``), so the checkpoint loads into the plain model.
+
     Raises:
         MPOError: the model has no DoTA layers, no layer holds the adapter, the
             model has no ``dota_config`` for it or a layer's quantization
@@ -326,11 +347,21 @@ def save_adapter(
         _check_quantization(qualified, layer, config)
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, Any] = {}
+    sharded = False
     for qualified, layer in layers:
-        modules[qualified] = _record_of(layer, name).to_json()
         groups = {"dota_cores": layer.cores(name), "dota_init": layer.initial_cores(name) or []}
+        if any(core.dim() != 4 for cores in groups.values() for core in cores):
+            raise MPOError(
+                f"the cores of {qualified} are flattened shards (FSDP with flat parameters); "
+                "save inside `with FullyShardedDataParallel.summon_full_params(model):`, "
+                "on every rank"
+            )
+        sharded = sharded or any(is_sharded(core) for cores in groups.values() for core in cores)
+        qualified = _unwrapped_name(qualified)
+        modules[qualified] = _record_of(layer, name).to_json()
         for group, cores in groups.items():
             for k, core in enumerate(cores):
+                core = gathered(core)  # FSDP2: every rank takes part, rank 0 writes
                 key = f"{qualified}.{group}.{k}"
                 if not torch.isfinite(core).all():
                     raise MPOError(
@@ -347,6 +378,8 @@ def save_adapter(
         "config": config.to_dict(),
         "modules": modules,
     }
+    if sharded and not main_process():
+        return
     target = Path(path)
     _check_target(target)
     with staged_folder(target) as staging:

@@ -42,7 +42,7 @@ class DoTAConfig:
             overriding :func:`mpo.factorize` for that dimension.
         init: ``"dota"`` (cores from the TT-SVD of the pretrained weight) or
             ``"random"`` (the paper's ablation: Gaussian cores, the last zero).
-        dtype: dtype of the trainable cores.
+        dtype: dtype of the trainable cores (a name, or the torch dtype).
         quantize: ``None``, or ``"nf4"`` to store the residual in 4 bits (QDoTA).
         double_quant: with ``quantize``, quantize the NF4 block scales too
             (QLoRA's double quantization: about 0.4 bits less per weight).
@@ -69,14 +69,20 @@ class DoTAConfig:
             object.__setattr__(self, name, int(value))
         if self.init not in _INITS:
             raise MPOError(f"init must be one of {_INITS}, got {self.init!r}")
+        if not isinstance(self.dtype, str):  # torch.bfloat16 is stored by name
+            object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
         if self.dtype not in _DTYPES:
-            raise MPOError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+            raise MPOError(
+                f"dtype must be one of {_DTYPES} or their torch dtypes, got {self.dtype!r}"
+            )
         if self.quantize not in (None, "nf4"):
             raise MPOError(f"quantize must be None or 'nf4', got {self.quantize!r}")
         if self.double_quant and self.quantize is None:
             raise MPOError('double_quant applies to a quantized residual; pass quantize="nf4" too')
         if isinstance(self.target_modules, str) and not self.target_modules:
             raise MPOError("target_modules is empty; name modules, give a regex, or 'all-linear'")
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
+            object.__setattr__(self, "target_modules", "all-linear")  # any case, as PEFT
         shapes = {int(dim): tuple(int(f) for f in factors) for dim, factors in self.shapes.items()}
         for dim, factors in shapes.items():
             product = 1

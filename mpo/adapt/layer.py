@@ -31,6 +31,7 @@ from torch import nn
 import mpo
 from mpo.adapt.config import check_adapter_name
 from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, pair
+from mpo.adapt.sharding import gathered, sharded_like
 from mpo.adapt.targets import weight_shape
 from mpo.errors import MPOError
 
@@ -408,12 +409,13 @@ class DoTALinear(nn.Module):
         def wide(tensors: list | None) -> list | None:
             if tensors is None:
                 return None
-            return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+            # FSDP2 shards the cores: every rank gathers them and builds all of Delta
+            return [gathered(t).to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
 
         name = self._held(adapter_name)
         cores, init = wide(self.cores(name)), wide(self.initial_cores(name))
-        delta = delta_weight(cores, init, self.layout(name))
         weight = self.base_layer.weight
+        delta = sharded_like(delta_weight(cores, init, self.layout(name)), weight)
         total = (weight.to(torch.promote_types(weight.dtype, delta.dtype)) + sign * delta).to(
             weight.dtype
         )
@@ -457,11 +459,14 @@ class DoTALinear(nn.Module):
         calls without autograd.
 
         Generation calls the layer once per token with unchanged cores. The cache
-        is keyed by the identities, dtypes and version counters of ``T`` and ``T0``,
-        which in-place updates (``load_state_dict``) bump, and by the number of
+        is keyed by the identities, storages, dtypes and version counters of ``T``
+        and ``T0``, which in-place updates (``load_state_dict``) bump and new data
+        (``p.data = ...``, ``vector_to_parameters``) changes, and by the number of
         optimizer steps taken in this process: a fused step (``AdamW(fused=True)``,
-        ``Trainer``'s default) bumps no version counter. Writes through ``.data``
-        bypass both and go unseen.
+        ``Trainer``'s default) bumps no version counter. In-place writes that
+        bypass autograd's version counter go unseen: through ``.data``
+        (``p.data.mul_(...)``), or to FSDP2's sharded cores between forwards;
+        :meth:`clear_cache` after such a write.
         """
 
         def compute() -> tuple:
@@ -469,17 +474,21 @@ class DoTALinear(nn.Module):
             with torch.autocast(cores[0].device.type, enabled=False):
                 return pair(cores, init, layout)
 
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._pair_cache = None
             return compute()
         tensors = [*cores, *(init or [])]
-        versions = ((id(t), t._version, t.device, t.dtype) for t in tensors)
+        versions = ((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
         key = (self.active_adapter, _optimizer_steps, *versions)
         cached = self._pair_cache
         if cached is None or cached[0] != key:
             cached = (key, compute())
             self._pair_cache = cached
         return cached[1]
+
+    def clear_cache(self) -> None:
+        """Forget the factors kept between calls without autograd (see :meth:`_pair`)."""
+        self._pair_cache = None
 
     def extra_repr(self) -> str:
         settings = self.adapter_settings.get(self.active_adapter)

@@ -214,8 +214,14 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
             else "it has no nn.Linear or Conv1D layers"
         )
         excluded = f" minus exclude_modules={excludes!r}" if excludes is not None else ""
+        regex = (
+            f" (a string is a regular expression over the whole qualified name: pass "
+            f"[{targets!r}] to match it as a name or a name's ending)"
+            if isinstance(targets, str)
+            else ""
+        )
         raise MPOError(
-            f"no module of {type(model).__name__} matches target_modules={targets!r}{excluded}; "
-            f"{found}"
+            f"no module of {type(model).__name__} matches target_modules={targets!r}{excluded}"
+            f"{regex}; {found}"
         )
     return selected

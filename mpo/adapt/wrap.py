@@ -325,7 +325,7 @@ def wrap(
         config: a :class:`DoTAConfig`; its fields may also be given (or
             overridden) as keyword arguments: ``target_modules``,
             ``exclude_modules``, ``rank``, ``num_cores``, ``shapes``, ``init``,
-            ``dtype``, ``quantize``.
+            ``dtype``, ``quantize``, ``double_quant``.
         adapter_name: the name the adapter is saved and selected under.
         progress: show a progress bar while decomposing (default: on a terminal,
             unless ``quiet``).
@@ -474,15 +474,18 @@ def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
     ``from_pretrained`` without mpo. Parameters get back the ``requires_grad``
     they had before ``wrap``, and a model loaded in 4 bits is marked quantized
     again for transformers. A QDoTA layer becomes an ``nn.Linear`` (a ``Conv1D``
-    if it adapted one) with weight ``Dequant(W_res) + MPO(T)``, rounded once to
-    ``dtype`` (``"bfloat16"``, a torch dtype; default: the original weight's
-    dtype). A DoTA layer keeps its weight's dtype: ``W0 + Delta`` is rounded to
-    it when merging. In a model loaded in 4 bits the merged layers are added to
-    its quantization config's ``llm_int8_skip_modules``, so that ``save_pretrained``
-    and ``from_pretrained`` give the same model back (merged layers plain, the
-    others in 4 bits).
+    if it adapted one) with weight ``Dequant(W_res) + MPO(T)`` in the original
+    weight's dtype, a DoTA layer one with ``W0 + Delta`` in its weight's dtype.
+    ``dtype`` (``"bfloat16"`` or a torch dtype) then casts every floating-point
+    parameter and buffer of the returned model to it (4-bit weights left that
+    are not adapted stay 4-bit), so that all of it computes in one dtype; a
+    QDoTA layer's weight is rounded to it once. In a model loaded in 4 bits the
+    merged layers are added to its quantization config's ``llm_int8_skip_modules``,
+    so that ``save_pretrained`` and ``from_pretrained`` give the same model back
+    (merged layers plain, the others in 4 bits).
     """
     _require_layers(model, "merge_and_unload")
+    dtype = _floating_dtype(dtype)
     merged_4bit = []
     for name, layer in dota_layers(model):
         quantized = isinstance(layer, QDoTALinear)
@@ -494,7 +497,28 @@ def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
     if getattr(model, "_dota_quantized", False):
         _keep_unquantized(model, merged_4bit)
     _restore_base(model)
+    if dtype is not None:
+        _cast_floating(model, dtype)
     return model
+
+
+def _floating_dtype(dtype: Any) -> torch.dtype | None:
+    """``dtype`` (a torch dtype or its name) as a floating torch dtype; None stays None."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if dtype is not None and not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        raise MPOError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
+    return resolved
+
+
+def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating-point parameter and buffer in place (``model.to(dtype)``
+    would also touch bitsandbytes' packed 4-bit weights, which are not floats)."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "torch_dtype"):
+        model.config.torch_dtype = dtype
 
 
 def _keep_unquantized(model: nn.Module, names: list[str]) -> None:

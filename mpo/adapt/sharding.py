@@ -1,0 +1,49 @@
+"""Cores and weights sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+FSDP2 stores each parameter as a ``DTensor`` holding this rank's shard, and
+swaps in the whole tensor only around a module's forward and backward. Outside
+them (saving an adapter, merging), a core or a weight is a shard: these helpers
+gather a whole one (a collective: every rank must call it) and cut a whole
+tensor back to this rank's shard (local: every rank already holds it).
+Without ``torch.distributed``, or on plain tensors, they change nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["gathered", "is_sharded", "main_process", "sharded_like"]
+
+
+def is_sharded(tensor: Any) -> bool:
+    """True for a ``DTensor`` (a parameter FSDP2 has sharded)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a ``DTensor`` all-gathered (every rank must call this), else itself."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def sharded_like(whole: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``whole`` cut to ``reference``'s placement when that is a ``DTensor`` (each rank
+    keeps its own part of what it holds entirely; no communication), else ``whole``."""
+    if not is_sharded(reference):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, reference.device_mesh, reference.placements, src_data_rank=None)
+
+
+def main_process() -> bool:
+    """False on every rank but 0 of an initialised process group."""
+    distributed = torch.distributed
+    return not (
+        distributed.is_available() and distributed.is_initialized() and distributed.get_rank() != 0
+    )
