@@ -14,13 +14,17 @@ from mpo.adapt.config import PAPER_TARGETS, DoTAConfig
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.plan import AdapterPlan, ModulePlan, plan
 from mpo.adapt.quant import QDoTALinear
+from mpo.adapt.saved import TrainedModule
 from mpo.adapt.wrap import (
     delete_adapter,
+    disable_adapter,
     dota_layers,
+    merge_adapter,
     merge_and_unload,
     print_trainable_parameters,
     set_adapter,
     trainable_parameters,
+    unmerge_adapter,
     unwrap,
     wrap,
 )
@@ -34,17 +38,21 @@ __all__ = [
     "DoTALinear",
     "ModulePlan",
     "QDoTALinear",
+    "TrainedModule",
     "analyze",
     "delete_adapter",
+    "disable_adapter",
     "dota_layers",
     "export_delta",
     "load_adapter",
+    "merge_adapter",
     "merge_and_unload",
     "plan",
     "print_trainable_parameters",
     "save_adapter",
     "set_adapter",
     "trainable_parameters",
+    "unmerge_adapter",
     "unwrap",
     "wrap",
 ]

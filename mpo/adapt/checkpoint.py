@@ -11,13 +11,18 @@ A checkpoint is a folder holding two files, named as PEFT names them:
     ``"Conv1D"``), ``weight_shape`` ``[out, in]``, ``row_factors`` ``[I_1..I_N]``,
     ``col_factors`` ``[J_1..J_N]``, bond ``ranks`` ``[R_1..R_{N-1}]``, rank threshold
     ``rank``, ``init`` and the cores' ``dtype``.
+    With modules to save (:mod:`mpo.adapt.saved`; format version 2), also
+    ``modules_to_save``: for each such module, by qualified name, its state's
+    entries with their ``shape`` and ``dtype``.
 ``adapter_model.safetensors``
-    the cores and nothing else: ``<module>.dota_cores.<k>``, the trained ``T_k``, and
+    the cores: ``<module>.dota_cores.<k>``, the trained ``T_k``, and
     (for ``init="dota"``) ``<module>.dota_init.<k>``, the frozen ``T0_k``, each of
     shape ``(R_{k-1}, I_k, J_k, R_k)`` and describing the ``(out, in)`` matrix (also
-    for ``Conv1D``), in the cores' dtype. No base weights, no 4-bit residual,
-    nothing pickled. The file is the cores' bytes (twice the trainable parameters
-    for ``init="dota"``, once for ``"random"``) plus a JSON header.
+    for ``Conv1D``), in the cores' dtype; and each module to save's trained state,
+    ``<module>.modules_to_save.<entry>``. No base weights, no 4-bit residual,
+    nothing pickled. Without modules to save, the file is the cores' bytes (twice
+    the trainable parameters for ``init="dota"``, once for ``"random"``) plus a JSON
+    header.
 
 A QDoTA layer (``quantize="nf4"``) is loaded by recomputing its residual
 ``W_res = W0 - MPO(T0)`` (``W0`` for ``init="random"``) from the base weight and
@@ -66,6 +71,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,9 +85,17 @@ import mpo
 from mpo.adapt.config import DoTAConfig, check_adapter_name
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import QDoTALinear, check_quantizable, require_bitsandbytes
+from mpo.adapt.saved import TrainedModule, trained_modules
 from mpo.adapt.sharding import gathered, is_sharded, main_process
 from mpo.adapt.targets import base_linear, linear_modules, unused_when_wrapped, weight_shape
-from mpo.adapt.wrap import check_can_add, check_target, check_untied, dota_layers, install
+from mpo.adapt.wrap import (
+    add_copy,
+    check_can_add,
+    check_target,
+    check_untied,
+    dota_layers,
+    install,
+)
 from mpo.atomic import staged_folder, write_json
 from mpo.errors import MPOError
 from mpo.operator import MPO
@@ -98,7 +112,10 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: Version of the folder layout; :func:`load_adapter` reads this version and older.
-FORMAT_VERSION = 1
+#: Checkpoints without modules to save are written as version 1, which older mpo reads.
+FORMAT_VERSION = 2
+#: The infix of a module to save's tensors in the weights file.
+SAVED = "modules_to_save"
 
 _KINDS = ("Linear", "Conv1D")
 _INITS = ("dota", "random")
@@ -228,6 +245,32 @@ def _adapted_layers(model: nn.Module, adapter_name: str | None) -> tuple[str, li
             "pass one of those as adapter_name"
         )
     return name, holding
+
+
+def _warn_unsaved(model: nn.Module) -> None:
+    """Warn about trainable parameters that are neither cores nor a module to save's:
+    trained, they would be lost by saving the adapter alone."""
+    kept = {id(p) for _, layer in dota_layers(model) for p in layer.dota_cores.parameters()}
+    kept |= {id(p) for _, module in trained_modules(model) for p in module.copies.parameters()}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in kept]
+    if stray:
+        modules = sorted({n.rpartition(".")[0] or n for n in stray})
+        warnings.warn(
+            f"{len(stray)} trainable parameter(s) outside the adapters are not saved, e.g. "
+            f"{stray[:3]}; to keep them, wrap with modules_to_save={modules[:3]!r} (they are "
+            "then trained and saved with the adapter), or freeze them",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _saved_state(model: nn.Module, adapter_name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The state of each module to save's copy for ``adapter_name``, by unwrapped name."""
+    return {
+        _unwrapped_name(qualified): module.copies[adapter_name].state_dict()
+        for qualified, module in trained_modules(model)
+        if adapter_name in module.copies
+    }
 
 
 # Attribute names that wrappers insert between a model's own module names: FSDP1's units,
@@ -371,19 +414,45 @@ def save_adapter(
                 tensors[key] = core.detach().to("cpu").contiguous()
     header = {
         "method": "dota",
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,
         "mpo_version": mpo.__version__,
         "adapter_name": name,
         "base_model_name_or_path": _base_model_name(model),
         "config": config.to_dict(),
         "modules": modules,
     }
+    _warn_unsaved(model)
+    saved = _saved_state(model, name)
+    for qualified, state in saved.items():
+        for key, tensor in state.items():
+            sharded = sharded or is_sharded(tensor)
+            tensor = gathered(tensor)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise MPOError(
+                    f"{qualified}.{key} holds NaN or Inf, so the checkpoint could not be loaded; "
+                    "training diverged: lower the learning rate or save an earlier state"
+                )
+            # a copy: safetensors refuses entries that share memory (a head tied inside)
+            tensors[f"{qualified}.{SAVED}.{key}"] = tensor.detach().to("cpu", copy=True)
+    if saved:
+        header["format_version"] = FORMAT_VERSION
+        header[SAVED] = {
+            qualified: {
+                key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                for key, t in state.items()
+            }
+            for qualified, state in saved.items()
+        }
     if sharded and not main_process():
         return
     target = Path(path)
     _check_target(target)
     with staged_folder(target) as staging:
-        metadata = {"format": "pt", "method": "dota", "format_version": str(FORMAT_VERSION)}
+        metadata = {
+            "format": "pt",
+            "method": "dota",
+            "format_version": str(header["format_version"]),
+        }
         safetensors.torch.save_file(tensors, staging / WEIGHTS_NAME, metadata=metadata)
         write_json(staging / CONFIG_NAME, header)
 
@@ -397,6 +466,28 @@ class _Header:
     base_model: str | None
     config: DoTAConfig
     records: dict[str, _Record]
+    #: modules to save: entry name -> (shape, dtype name), by module
+    saved: dict[str, dict[str, tuple[tuple[int, ...], str]]]
+
+
+def _saved_records(value: Any) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+    """``modules_to_save`` of ``adapter_config.json`` (absent: none), checked."""
+    if value is None:
+        return {}
+    records = {}
+    for module, entries in value.items() if isinstance(value, dict) else [(None, None)]:
+        if not isinstance(entries, dict) or not entries:
+            raise MPOError(f"{SAVED}[{module!r}] must be a non-empty object, got {entries!r}")
+        records[module] = {}
+        for key, entry in entries.items():
+            dtype = entry.get("dtype") if isinstance(entry, dict) else None
+            if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+                raise MPOError(f"{SAVED}[{module!r}][{key!r}] has no valid dtype: {entry!r}")
+            shape = entry.get("shape")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise MPOError(f"{SAVED}[{module!r}][{key!r}] has no valid shape: {entry!r}")
+            records[module][key] = (tuple(shape), dtype)
+    return records
 
 
 def _read_header(file: Path) -> _Header:
@@ -437,7 +528,12 @@ def _read_header(file: Path) -> _Header:
                 f"{file}: modules[{module!r}]: {err}; the file is damaged or was edited, "
                 "save the adapter again"
             ) from err
-    return _Header(name, base_model if isinstance(base_model, str) else None, config, records)
+    try:
+        saved = _saved_records(data.get(SAVED))
+    except MPOError as err:
+        raise MPOError(f"{file}: {err}; the file is damaged or was edited") from err
+    base_model = base_model if isinstance(base_model, str) else None
+    return _Header(name, base_model, config, records, saved)
 
 
 def _find_modules(model: nn.Module, header: _Header, file: Path) -> dict[str, nn.Module]:
@@ -472,6 +568,30 @@ def _find_modules(model: nn.Module, header: _Header, file: Path) -> dict[str, nn
     return found
 
 
+def _find_saved(model: nn.Module, header: _Header, file: Path) -> dict[str, nn.Module]:
+    """The model's modules to save named in the checkpoint, checked against their state."""
+    named = dict(model.named_modules())
+    found = {}
+    for name, entries in header.saved.items():
+        module = named.get(name)
+        if module is None or name in header.records:
+            problem = "does not exist" if module is None else "is adapted by the same checkpoint"
+            raise MPOError(
+                f"{file} saves module {name!r} whole, which in this {type(model).__name__} "
+                f"{problem}; load it into the model it was trained on"
+            )
+        original = module.original_module if isinstance(module, TrainedModule) else module
+        state = {key: tuple(t.shape) for key, t in original.state_dict().items()}
+        recorded = {key: shape for key, (shape, _) in entries.items()}
+        if state != recorded:
+            raise MPOError(
+                f"{file} saves {name!r} with entries {recorded}, but in this model it has "
+                f"{state}; load it into the model it was trained on"
+            )
+        found[name] = module
+    return found
+
+
 def _read_tensors(file: Path, header: _Header, *, strict: bool) -> dict[str, torch.Tensor]:
     """The cores the header describes, read from ``file`` and checked, on the CPU."""
     expected = {
@@ -479,6 +599,13 @@ def _read_tensors(file: Path, header: _Header, *, strict: bool) -> dict[str, tor
         for module, record in header.records.items()
         for key, shape in record.tensor_shapes(module).items()
     }
+    expected.update(
+        {
+            f"{module}.{SAVED}.{key}": entry
+            for module, entries in header.saved.items()
+            for key, entry in entries.items()
+        }
+    )
     try:
         with safe_open(file, framework="pt") as handle:
             present = set(handle.keys())
@@ -507,7 +634,7 @@ def _read_tensors(file: Path, header: _Header, *, strict: bool) -> dict[str, tor
                 f"{file}: tensor {key!r} is {tensor.dtype} of shape {tuple(tensor.shape)}, but "
                 f"{CONFIG_NAME} makes it torch.{dtype} of shape {shape}; save the adapter again"
             )
-        if not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise MPOError(
                 f"{file}: tensor {key!r} holds NaN or Inf; the adapter diverged in training or "
                 "the file is damaged: load an earlier checkpoint"
@@ -588,9 +715,17 @@ def load_adapter(
         check_target(module_name, module, header.config.quantize)
         if quantized:
             check_quantizable(module, module_name)
+    saved = _find_saved(model, header, config_file)
     tensors = _read_tensors(weights_file, header, strict=strict)
 
     def build(module_name: str, base: nn.Module) -> nn.Module:
+        if module_name in saved:
+            trained = add_copy(base, name)
+            state = {
+                key: tensors[f"{module_name}.{SAVED}.{key}"] for key in header.saved[module_name]
+            }
+            trained.copies[name].load_state_dict(state)
+            return trained
         record = header.records[module_name]
         cores = _cores(tensors, module_name, "dota_cores", record, base.weight.device)
         initial = (
@@ -616,7 +751,8 @@ def load_adapter(
             base, cores, initial, adapter_name=name, rank=record.rank, init=init
         )
 
-    install(model, [(m, modules[m]) for m in header.records], build, name, header.config)
+    targets = [*((m, modules[m]) for m in header.records), *saved.items()]
+    install(model, targets, build, name, header.config)
     return model
 
 

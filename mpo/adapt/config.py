@@ -46,6 +46,10 @@ class DoTAConfig:
         quantize: ``None``, or ``"nf4"`` to store the residual in 4 bits (QDoTA).
         double_quant: with ``quantize``, quantize the NF4 block scales too
             (QLoRA's double quantization: about 0.4 bits less per weight).
+        modules_to_save: modules (same name rules) trained in full and saved
+            with the adapter, as PEFT's ``modules_to_save``: e.g. ``["score"]``,
+            the head ``from_pretrained`` creates at random for sequence
+            classification (:mod:`mpo.adapt.saved`).
 
     >>> DoTAConfig(rank=8).factor_shapes(4096, 11008)
     ((4, 4, 8, 8, 4), (4, 4, 43, 4, 4))
@@ -60,6 +64,7 @@ class DoTAConfig:
     dtype: str = "float32"
     quantize: str | None = None
     double_quant: bool = False
+    modules_to_save: Sequence[str] | str | None = None
 
     def __post_init__(self) -> None:
         for name in ("rank", "num_cores"):  # numpy integers too, stored as int
@@ -97,8 +102,10 @@ class DoTAConfig:
         object.__setattr__(self, "shapes", shapes)
         if not isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
-            object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        for name in ("exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
 
     def factors(self, dim: int) -> tuple[int, ...]:
         """Factor shape of one dimension: the configured one, else :func:`mpo.factorize`."""
@@ -120,8 +127,10 @@ class DoTAConfig:
             if isinstance(self.target_modules, str)
             else list(self.target_modules)
         )
-        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
-            data["exclude_modules"] = list(self.exclude_modules)
+        for name in ("exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                data[name] = list(value)
         data["shapes"] = {str(dim): list(f) for dim, f in self.shapes.items()}
         return data
 

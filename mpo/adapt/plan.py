@@ -25,7 +25,7 @@ from torch import nn
 
 from mpo import report
 from mpo.adapt.config import DoTAConfig, resolve_config
-from mpo.adapt.targets import find_targets, weight_shape
+from mpo.adapt.targets import find_saved, find_targets, weight_shape
 from mpo.count import bond_ranks, param_count
 from mpo.errors import MPOError
 
@@ -71,20 +71,23 @@ class AdapterPlan:
         modules: the adapted matrices, in model order.
         base_params: parameters of the model before adapters (shared ones once).
         config: the resolved config the plan was made with.
+        saved: ``(name, parameters)`` of each module to save: trained in full,
+            as a copy next to the frozen original.
     """
 
     modules: tuple[ModulePlan, ...]
     base_params: int
     config: DoTAConfig
+    saved: tuple[tuple[str, int], ...] = ()
 
     @property
     def trainable_params(self) -> int:
-        """Entries of all cores: the only parameters training updates."""
-        return sum(m.params for m in self.modules)
+        """Entries of all cores and of the modules to save's copies: what training updates."""
+        return sum(m.params for m in self.modules) + sum(params for _, params in self.saved)
 
     @property
     def total_params(self) -> int:
-        """Parameters of the adapted model: the base model plus the cores."""
+        """Parameters of the adapted model: the base model plus the cores and the copies."""
         return self.base_params + self.trainable_params
 
     @property
@@ -100,6 +103,7 @@ class AdapterPlan:
             "total_params": self.total_params,
             "trainable_share": self.trainable_share,
             "modules": [asdict(m) for m in self.modules],
+            "modules_to_save": {name: params for name, params in self.saved},
         }
 
     def table(self) -> str:
@@ -133,7 +137,8 @@ class AdapterPlan:
             f"trainable params: {self.trainable_params:,d} || all params: {self.total_params:,d}"
             f" || trainable%: {100 * self.trainable_share:.4f}"
         )
-        return "\n".join([heading, body, totals])
+        saved = [f"modules to save: {n} ({params:,d} params)" for n, params in self.saved]
+        return "\n".join([heading, body, *saved, totals])
 
 
 def _transformers() -> Any:
@@ -247,4 +252,8 @@ def plan(
             )
         )
     base_params = sum(p.numel() for p in model.parameters())
-    return AdapterPlan(modules=tuple(modules), base_params=base_params, config=resolved)
+    saved = tuple(
+        (name, sum(p.numel() for p in module.parameters()))
+        for name, module in find_saved(model, resolved)
+    )
+    return AdapterPlan(tuple(modules), base_params, resolved, saved)

@@ -12,11 +12,15 @@ A name pattern is either
   or ends with ``"." + entry`` (so ``"q_proj"`` matches
   ``"model.layers.0.self_attn.q_proj"``),
 * a string: a regular expression that must match the whole qualified name, or
-* ``"all-linear"`` (targets only): every linear layer except the output head
-  (and ``nn.MultiheadAttention``'s ``out_proj``, whose weight that module reads
+* ``"all-linear"`` (targets only, any case): every linear layer except the
+  output head, a task head (a model's ``score``, ``classifier`` or
+  ``qa_outputs``, which ``from_pretrained`` may create at random: train it
+  whole through ``modules_to_save``), the modules to save, and
+  ``nn.MultiheadAttention``'s ``out_proj`` (whose weight that module reads
   directly, so that an adapter in its place would never run).
 
-``exclude_modules`` uses the same rules and wins over ``target_modules``.
+``exclude_modules`` uses the same rules and wins over ``target_modules``;
+``modules_to_save`` (:func:`find_saved`) uses them too.
 :func:`find_targets` is shared by :func:`mpo.adapt.plan` and
 :func:`mpo.adapt.wrap`. A DoTA layer counts as the linear layer it adapts (its
 ``base_layer``), under its own name, so that a second adapter finds the same
@@ -32,9 +36,21 @@ from collections.abc import Sequence
 from torch import nn
 
 from mpo.adapt.config import DoTAConfig
+from mpo.adapt.saved import TrainedModule
 from mpo.errors import MPOError
 
-__all__ = ["base_linear", "find_targets", "linear_modules", "unused_when_wrapped", "weight_shape"]
+__all__ = [
+    "base_linear",
+    "find_saved",
+    "find_targets",
+    "linear_modules",
+    "task_heads",
+    "unused_when_wrapped",
+    "weight_shape",
+]
+
+#: Attributes under which transformers' task models keep a head of their own.
+TASK_HEADS = ("score", "classifier", "qa_outputs")
 
 
 def _linear_types() -> tuple[type[nn.Module], ...]:
@@ -80,9 +96,15 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     }
     return [
         (name, module)
-        for name, module in modules
+        for name, module in _outside_trained(modules)
         if _is_linear(base_linear(module)) and name not in wrapped
     ]
+
+
+def _outside_trained(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """``modules`` less those inside a :class:`TrainedModule` (its original and copies)."""
+    inside = tuple(f"{name}." for name, module in modules if isinstance(module, TrainedModule))
+    return [(name, module) for name, module in modules if not name.startswith(inside)]
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
@@ -120,6 +142,49 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     return head if isinstance(head, nn.Module) else None
+
+
+def task_heads(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's task heads by name: ``score``, ``classifier`` or ``qa_outputs``
+    attributes of the model itself (transformers' ``...ForSequenceClassification``,
+    ``...ForTokenClassification``, ``...ForQuestionAnswering``)."""
+    return {
+        name: head
+        for name in TASK_HEADS
+        if isinstance(head := getattr(model, name, None), nn.Module)
+    }
+
+
+def _within(name: str, roots: Sequence[str]) -> bool:
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def find_saved(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Module]]:
+    """The modules ``config.modules_to_save`` selects, outermost matches only, model order.
+
+    Raises:
+        MPOError: the pattern matches nothing (the message lists the model's
+            top-level modules and task heads), or a selected module is an
+            adapter target or holds one.
+    """
+    pattern = config.modules_to_save
+    if pattern is None:
+        return []
+    selected: list[tuple[str, nn.Module]] = []
+    for name, module in _outside_trained(list(model.named_modules())):
+        outermost = not _within(name, [chosen for chosen, _ in selected])
+        if name and outermost and _matches(name, pattern, "modules_to_save"):
+            selected.append((name, module))
+    if not selected:
+        children = [name for name, _ in model.named_children()]
+        heads = sorted(task_heads(model))
+        shown = pattern if isinstance(pattern, str) else list(pattern)
+        raise MPOError(
+            f"no module of {type(model).__name__} matches modules_to_save={shown!r}; its "
+            f"top-level modules are {', '.join(children) or 'none'}"
+            + (f"; its task heads: {', '.join(heads)}" if heads else "")
+        )
+    return selected
 
 
 def unused_when_wrapped(model: nn.Module) -> dict[str, str]:
@@ -167,14 +232,17 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
     """
     targets, excludes = config.target_modules, config.exclude_modules
     unused = unused_when_wrapped(model)
+    saved = [name for name, _ in find_saved(model, config)]
     if targets == "all-linear":
         head = _output_head(model)
+        heads = [*saved, *task_heads(model)]
         candidates = [
             (name, module)
             for name, module in linear_modules(model)
             if module is not head
             and (head is not None or name.rsplit(".", 1)[-1] != "lm_head")
             and name not in unused
+            and not _within(name, heads)
         ]
     else:
         candidates = [
@@ -188,6 +256,15 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
         if excludes is None or not _matches(name, excludes, "exclude_modules")
     ]
     for name, module in selected:
+        clash = next(
+            (root for root in saved if _within(name, [root]) or _within(root, [name])), None
+        )
+        if clash is not None:
+            raise MPOError(
+                f"{name!r} is matched by target_modules={targets!r} and {clash!r} by "
+                f"modules_to_save={config.modules_to_save!r}: a module is either adapted or "
+                "trained whole; drop it from one of them (or add it to exclude_modules)"
+            )
         if name in unused:
             raise MPOError(
                 f"target_modules={targets!r} matches {name!r}, {unused[name]}: an adapter there "

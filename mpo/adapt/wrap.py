@@ -19,8 +19,10 @@ this one does (see there how), and ``unwrap`` and ``merge_and_unload`` undo that
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -37,7 +39,8 @@ from mpo.adapt.quant import (
     release,
     require_bitsandbytes,
 )
-from mpo.adapt.targets import find_targets, weight_shape
+from mpo.adapt.saved import TrainedModule, trained_modules
+from mpo.adapt.targets import find_saved, find_targets, task_heads, weight_shape
 from mpo.errors import MPOError
 
 __all__ = [
@@ -154,6 +157,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         raise MPOError(f"{merged[0]} is merged; unmerge it before switching adapters")
     for _, layer in layers:
         layer.set_adapter(adapter_name, missing_ok=True)
+    for _, module in trained_modules(model):
+        module.set_adapter(adapter_name)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -178,7 +183,69 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.delete_adapter(adapter_name)
             if not layer.dota_cores:  # it held only this one: the plain layer again
                 replace_module(model, name, layer.base_layer)
+    for name, module in trained_modules(model):
+        if adapter_name in module.copies:
+            module.delete_adapter(adapter_name)
+            if not module.copies:
+                replace_module(model, name, module.original_module)
     del model.dota_config[adapter_name]
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside the ``with`` block (PEFT's ``model.disable_adapter()``).
+
+    Every DoTA layer gives its base layer's output and every module to save
+    runs its original; on leaving, each gets back the state it had. Merged
+    layers are refused: disabling would unmerge them, rounding ``W0``.
+
+    >>> import torch, mpo.adapt
+    >>> model = mpo.adapt.wrap(torch.nn.Sequential(torch.nn.Linear(8, 8)), target_modules=["0"],
+    ...                        rank=2, num_cores=2, quiet=True)
+    >>> with mpo.adapt.disable_adapter(model):
+    ...     base_output = model(torch.ones(1, 8))
+    """
+    _require_layers(model, "disable_adapter")
+    layers = dota_layers(model)
+    merged = [name for name, layer in layers if getattr(layer, "merged", False)]
+    if merged:
+        raise MPOError(
+            f"{merged[0]} is merged: disabling it would unmerge it, which rounds W0; unmerge "
+            "first (mpo.adapt.unmerge_adapter(model))"
+        )
+    switched = [*(layer for _, layer in layers), *(m for _, m in trained_modules(model))]
+    before = [module.disable_adapters for module in switched]
+    try:
+        for module in switched:
+            module.enable_adapters(False)
+        yield model
+    finally:
+        for module, disabled in zip(switched, before, strict=True):
+            module.enable_adapters(not disabled)
+
+
+def merge_adapter(model: nn.Module) -> None:
+    """Fold the active adapter into every DoTA layer's weight, in place (PEFT's
+    ``merge_adapter``): generation then costs what the base model's does.
+    :func:`unmerge_adapter` undoes it up to the rounding of the weights' dtype.
+    QDoTA layers cannot merge in place (:func:`merge_and_unload` does)."""
+    _require_layers(model, "merge_adapter")
+    quantized = [name for name, layer in dota_layers(model) if isinstance(layer, QDoTALinear)]
+    if quantized:
+        raise MPOError(
+            f"{quantized[0]} is a QDoTA layer, whose 4-bit weight cannot take the update in "
+            "place; use mpo.adapt.merge_and_unload(model) for a merged dense model"
+        )
+    for _, layer in dota_layers(model):
+        layer.merge()
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Subtract what :func:`merge_adapter` folded in (PEFT's ``unmerge_adapter``)."""
+    _require_layers(model, "unmerge_adapter")
+    for _, layer in dota_layers(model):
+        if isinstance(layer, DoTALinear):
+            layer.unmerge()
 
 
 def check_can_add(model: nn.Module, adapter_name: str, quantize: str | None) -> None:
@@ -359,7 +426,10 @@ def wrap(
     if dota_layers(model):
         check_can_add(model, adapter_name, resolved.quantize)
     targets = find_targets(model, resolved)
+    saved = find_saved(model, resolved)
     check_untied(model, targets)
+    if not dota_layers(model):
+        _warn_frozen_heads(model, targets, saved)
     if resolved.quantize is not None:
         require_bitsandbytes()
     for name, module in targets:  # fail before anything changes
@@ -376,6 +446,8 @@ def wrap(
     )
 
     def build(name: str, module: nn.Module) -> nn.Module:
+        if name in saved_names:
+            return add_copy(module, adapter_name)
         options = {
             "rank": resolved.rank,
             "shape": resolved.factor_shapes(*weight_shape(module)),
@@ -390,12 +462,43 @@ def wrap(
         except MPOError as err:
             raise MPOError(f"{name}: {err}. The model was left as it was") from err
 
+    saved_names = {name for name, _ in saved}
     shown = (False if quiet else None) if progress is None else progress
     bar = report.progress(targets, shown, "DoTA: decomposing", "layer")
-    install(model, bar, build, adapter_name, resolved)
+    install(model, itertools.chain(bar, saved), build, adapter_name, resolved)
     if not quiet:
         print_trainable_parameters(model)
     return model
+
+
+def add_copy(module: nn.Module, adapter_name: str) -> TrainedModule:
+    """``module`` as a module to save with a trained copy for ``adapter_name``: a new
+    :class:`TrainedModule`, or (for a second adapter) the one already there."""
+    if isinstance(module, TrainedModule):
+        module.add_copy(adapter_name)
+        return module
+    return TrainedModule(module, adapter_name)
+
+
+def _warn_frozen_heads(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], saved: list[tuple[str, nn.Module]]
+) -> None:
+    """Warn about task heads left frozen: ``from_pretrained`` creates them at random when
+    the checkpoint has none, and a frozen random head cannot learn the task."""
+    covered = [name for name, _ in [*targets, *saved]]
+    frozen = [
+        name
+        for name, head in task_heads(model).items()
+        if not any(n == name or n.startswith(name + ".") for n in covered)
+    ]
+    if frozen:
+        warnings.warn(
+            f"{type(model).__name__}'s task head {frozen[0]!r} stays frozen; if it was created "
+            f"at random (from_pretrained warns so), it cannot learn: pass "
+            f"modules_to_save={frozen!r} to train it and save it with the adapter",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _entries(parameter: nn.Parameter) -> int:
@@ -437,7 +540,8 @@ def _require_layers(model: nn.Module, action: str) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Put the original layers back (unmerging first); every adapter is dropped.
+    """Put the original layers back (unmerging first), and the original modules to
+    save; every adapter is dropped.
 
     A model that was never merged gets its base layers back untouched, so it
     computes exactly what it did before ``wrap``, its parameters get back the
@@ -461,13 +565,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     for name, layer in dota_layers(model):
         layer.unmerge()
         replace_module(model, name, layer.base_layer)
+    for name, module in trained_modules(model):
+        replace_module(model, name, module.original_module)
     _restore_base(model)
     return model
 
 
 def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
     """Fold the active adapter into each layer's weight and return the plain model
-    (other adapters are dropped; a layer without the active one gets its base back).
+    (other adapters are dropped; a layer without the active one gets its base back;
+    a module to save becomes the active adapter's trained copy).
 
     The result has the original module types (``nn.Linear`` / ``Conv1D``), so
     a transformers model can be saved with ``save_pretrained`` and loaded with
@@ -494,6 +601,8 @@ def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
         replace_module(model, name, layer.merge_and_unload(dtype) if quantized else layer.merge())
         if quantized:
             merged_4bit.append(name)
+    for name, module in trained_modules(model):
+        replace_module(model, name, module.active_module)
     if getattr(model, "_dota_quantized", False):
         _keep_unquantized(model, merged_4bit)
     _restore_base(model)
