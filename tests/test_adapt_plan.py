@@ -432,3 +432,15 @@ def test_gpt2_all_linear_leaves_out_the_tied_head(gpt2):
     names = targeted(gpt2, target_modules="all-linear")
     assert len(names) == 4 * 2
     assert "lm_head" not in names
+
+
+def test_wrap_warns_about_adapters_as_large_as_their_weight():
+    import torch
+
+    from mpo.adapt import wrap
+
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", torch.nn.Linear(97, 97))  # prime: one factor and 1s
+    model.add_module("v_proj", torch.nn.Linear(64, 64))
+    with pytest.warns(UserWarning, match=r"1 adapter\(s\) .* q_proj \(97x97: 9,413 parameters\)"):
+        wrap(model, target_modules=["q_proj", "v_proj"], rank=4, quiet=True)

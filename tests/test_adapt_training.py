@@ -317,7 +317,10 @@ def tiny_dataset(size: int = 4) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": ids, "labels": ids.clone()} for ids in token_batch(size, seed=3)]
 
 
-def train_with_trainer(model: nn.Module, output_dir: Path, **arguments) -> Trainer:
+def train_with_trainer(
+    model: nn.Module, output_dir: Path, callbacks: list | None = None, **arguments
+) -> Trainer:
+    arguments = {"save_strategy": "no", **arguments}
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=3,
@@ -325,15 +328,32 @@ def train_with_trainer(model: nn.Module, output_dir: Path, **arguments) -> Train
         learning_rate=1e-2,
         report_to=[],
         use_cpu=True,
-        save_strategy="no",
         logging_steps=1,
         disable_tqdm=True,
         gradient_checkpointing=True,
         **arguments,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset())
+    trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(), callbacks=callbacks)
     trainer.train()
     return trainer
+
+
+def test_save_adapter_callback_writes_the_adapter_into_each_checkpoint(tmp_path):
+    from mpo.adapt.trainer import SaveAdapterCallback
+
+    model, ids = adapted_model("llama"), token_batch()
+    train_with_trainer(
+        model, tmp_path, callbacks=[SaveAdapterCallback()], save_strategy="steps", save_steps=2
+    )
+    with torch.no_grad():
+        trained = first_output(model, ids)
+        final = first_output(mpo.adapt.load_adapter(base_model("llama"), tmp_path / "adapter"), ids)
+        halfway = first_output(
+            mpo.adapt.load_adapter(base_model("llama"), tmp_path / "checkpoint-2" / "adapter"), ids
+        )
+    assert torch.equal(final, trained)
+    assert (tmp_path / "checkpoint-3" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not torch.equal(halfway, trained)  # the adapter as it was at step 2
 
 
 def logged_losses(trainer: Trainer) -> list[float]:

@@ -41,6 +41,7 @@ from mpo.adapt.quant import (
 )
 from mpo.adapt.saved import TrainedModule, trained_modules
 from mpo.adapt.targets import find_saved, find_targets, task_heads, weight_shape
+from mpo.count import param_count
 from mpo.errors import MPOError
 
 __all__ = [
@@ -367,6 +368,26 @@ def _warn_4bit(names: list[str]) -> None:
     )
 
 
+def _warn_uncompressed(targets: list[tuple[str, nn.Module]], config: DoTAConfig) -> None:
+    """Warn about adapters with at least as many parameters as their weight: dimensions
+    that factor poorly (a prime is one factor and 1s) leave the MPO nothing to compress."""
+    full = []
+    for name, module in targets:
+        out_features, in_features = weight_shape(module)
+        params = param_count(*config.factor_shapes(out_features, in_features), config.rank)
+        if params >= out_features * in_features:
+            full.append(f"{name} ({out_features}x{in_features}: {params:,} parameters)")
+    if full:
+        warnings.warn(
+            f"{len(full)} adapter(s) hold at least as many parameters as their weight, e.g. "
+            f"{full[0]}: a dimension that factors poorly (a prime is one factor padded with "
+            "1s) leaves the MPO nothing to compress; exclude them (exclude_modules) or give "
+            "shapes= with more balanced factors",
+            UserWarning,
+            stacklevel=3,  # the caller of wrap
+        )
+
+
 def wrap(
     model: nn.Module,
     config: DoTAConfig | None = None,
@@ -439,6 +460,7 @@ def wrap(
     four_bit = [name for name, module in targets if is_4bit(module)]
     if four_bit:
         _warn_4bit(four_bit)
+    _warn_uncompressed(targets, resolved)
     kind, extra = (
         (QDoTALinear, {"double_quant": resolved.double_quant})
         if resolved.quantize == "nf4"
