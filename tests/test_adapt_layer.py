@@ -643,6 +643,15 @@ def test_generation_reuses_the_halves_while_the_cores_stay_put(monkeypatch):
     assert len(computed) == 3  # a step, even without gradients, recomputes
 
 
+def generating_layer():
+    """A trained-looking layer on the factored path, which caches its halves without
+    autograd, and one token."""
+    layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+    perturb(layer)
+    layer.strategy = "factored"
+    return layer, torch.randn(1, 64)
+
+
 @pytest.mark.parametrize(
     "write",
     [
@@ -654,10 +663,7 @@ def test_generation_reuses_the_halves_while_the_cores_stay_put(monkeypatch):
     ids=["data-assignment", "vector_to_parameters"],
 )
 def test_generation_sees_cores_given_new_data(write):
-    layer = DoTALinear(linear(), rank=4, shape=SHAPE)
-    perturb(layer)
-    layer.strategy = "factored"
-    x = torch.randn(1, 64)
+    layer, x = generating_layer()
     with torch.no_grad():
         before = layer(x)
         write(layer.cores()[-1])
@@ -668,10 +674,7 @@ def test_generation_sees_cores_given_new_data(write):
 
 
 def test_clear_cache_after_a_write_autograd_does_not_see():
-    layer = DoTALinear(linear(), rank=4, shape=SHAPE)
-    perturb(layer)
-    layer.strategy = "factored"
-    x = torch.randn(1, 64)
+    layer, x = generating_layer()
     with torch.no_grad():
         before = layer(x)
         layer.cores()[-1].data.mul_(1.5)  # in place, behind the version counter

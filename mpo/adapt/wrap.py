@@ -231,12 +231,11 @@ def merge_adapter(model: nn.Module) -> None:
     :func:`unmerge_adapter` undoes it up to the rounding of the weights' dtype.
     QDoTA layers cannot merge in place (:func:`merge_and_unload` does)."""
     _require_layers(model, "merge_adapter")
-    quantized = [name for name, layer in dota_layers(model) if isinstance(layer, QDoTALinear)]
-    if quantized:
-        raise MPOError(
-            f"{quantized[0]} is a QDoTA layer, whose 4-bit weight cannot take the update in "
-            "place; use mpo.adapt.merge_and_unload(model) for a merged dense model"
-        )
+    _refuse_quantized(
+        model,
+        "whose 4-bit weight cannot take the update in place; use "
+        "mpo.adapt.merge_and_unload(model) for a merged dense model",
+    )
     for _, layer in dota_layers(model):
         layer.merge()
 
@@ -553,6 +552,13 @@ def print_trainable_parameters(model: nn.Module) -> None:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
 
+def _refuse_quantized(model: nn.Module, reason: str) -> None:
+    """:class:`MPOError` naming the first QDoTA layer, ``reason`` after it, if there is one."""
+    quantized = [name for name, layer in dota_layers(model) if isinstance(layer, QDoTALinear)]
+    if quantized:
+        raise MPOError(f"{quantized[0]} is a QDoTA layer, {reason}")
+
+
 def _require_layers(model: nn.Module, action: str) -> None:
     if not dota_layers(model):
         raise MPOError(
@@ -577,13 +583,12 @@ def unwrap(model: nn.Module) -> nn.Module:
             :func:`merge_and_unload`.
     """
     _require_layers(model, "unwrap")
-    quantized = [name for name, layer in dota_layers(model) if isinstance(layer, QDoTALinear)]
-    if quantized:
-        raise MPOError(
-            f"{quantized[0]} is a QDoTA layer: it stores W0 - MPO(T0) in 4 bits, not W0, so "
-            "unwrap cannot restore the original weights; reload the base model, or call "
-            "mpo.adapt.merge_and_unload(model) for dense weights including the update"
-        )
+    _refuse_quantized(
+        model,
+        "which stores W0 - MPO(T0) in 4 bits, not W0, so unwrap cannot restore the original "
+        "weights; reload the base model, or call mpo.adapt.merge_and_unload(model) for dense "
+        "weights including the update",
+    )
     for name, layer in dota_layers(model):
         layer.unmerge()
         replace_module(model, name, layer.base_layer)
