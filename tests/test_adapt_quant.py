@@ -339,6 +339,12 @@ class TestWrap:
             mpo.adapt.unwrap(model)
         assert len(mpo.adapt.dota_layers(model)) == 10
 
+    def test_merge_adapter_refuses_and_names_the_way_out(self):
+        model = mpo.adapt.wrap(tiny_llama(), quantize="nf4", rank=4, num_cores=2, quiet=True)
+        with pytest.raises(mpo.MPOError, match=r"4-bit weight cannot take.*merge_and_unload"):
+            mpo.adapt.merge_adapter(model)
+        assert not any(getattr(layer, "merged", False) for _, layer in mpo.adapt.dota_layers(model))
+
 
 class TestFourBitInput:
     """A model loaded in 4 bits: W0 is dequantized, decomposed, and the residual requantized."""
