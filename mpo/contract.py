@@ -77,6 +77,9 @@ class ContractionPlan:
                     "indices (about 16 cores); use fewer cores"
                 )
             return torch.einsum(self.letters, *operands)
+        shapes = tuple(tuple(x.shape) for x in operands)
+        if shapes != self.shapes:  # a reshape would take any operand of the right size
+            raise MPOError(f"this plan contracts operands of shapes {self.shapes}, got {shapes}")
         squeezed = (x.reshape(shape) for x, shape in zip(operands, self.squeezed, strict=True))
         return self.expression(*squeezed).reshape(self.output)
 

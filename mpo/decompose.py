@@ -11,8 +11,10 @@ Because the left cores are orthonormal, the squared error is exactly the sum
 of the squared singular values dropped at each step, which gives the
 guarantees tested in ``tests/``:
 
-* with ``tol``, each step drops at most ``(tol / sqrt(N - 1))^2 ||W||_F^2``, so
-  ``||W - MPO||_F <= tol ||W||_F``;
+* with ``tol``, each step drops at most ``(tol' / sqrt(N - 1))^2 ||W||_F^2``, where
+  ``tol' = tol - reserve`` leaves room for rounding (``sqrt(N) eps`` of the cores'
+  dtype plus the arithmetic's error: :func:`mpo.svd.tolerance_budget`), so
+  ``||W - MPO||_F <= tol ||W||_F`` for the cores as returned;
 * with a rank threshold, ``||W - MPO||_F^2 <= sum_k tail_k``, where ``tail_k``
   is the energy beyond rank ``R_k`` of the k-th unfolding of ``W`` itself
   (see :func:`unfolding_spectra`).
@@ -134,7 +136,9 @@ def decompose(
     tol:
         Relative Frobenius error target: the result satisfies
         ``||W - MPO||_F <= tol ||W||_F``, with each bond as small as the
-        per-step threshold ``tol / sqrt(N - 1) ||W||_F`` allows. With ``rank``
+        per-step threshold ``tol' / sqrt(N - 1) ||W||_F`` allows, where ``tol'``
+        is ``tol`` less a reserve for rounding (``sqrt(N) eps`` of the cores'
+        dtype, plus 2e-6 when worked in float32). With ``rank``
         too, the smaller of the two ranks wins on each bond. A ``tol`` below
         1e-5 is worked in float64 (float32 arithmetic errs by about 1e-6), and
         one finer than the cores' dtype can hold (``2 sqrt(N) eps``: 0.035

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from math import prod
 from typing import Any
@@ -240,10 +241,18 @@ class MPO:
             factor = float(scalar)
         except OverflowError:
             factor = math.inf
+        shown = repr(scalar) if len(repr(scalar)) <= 24 else f"{repr(scalar)[:20]}..."
         if not math.isfinite(factor):
-            shown = repr(scalar) if len(repr(scalar)) <= 24 else f"{repr(scalar)[:20]}..."
             raise MPOError(f"cannot scale an MPO by {shown}: cores must stay finite")
-        return MPO([*self._cores[:-1], self._cores[-1] * factor])
+        with warnings.catch_warnings():  # numpy's overflow warning: reported below instead
+            warnings.simplefilter("ignore", RuntimeWarning)
+            last = self._cores[-1] * factor
+        if not self._backend.all_finite(last):
+            raise MPOError(
+                f"scaling by {shown} overflows the {self.dtype} last core; cast the MPO to a "
+                "wider dtype first (.astype('float32') or 'float64')"
+            )
+        return MPO([*self._cores[:-1], last])
 
     __rmul__ = __mul__
 
@@ -260,7 +269,8 @@ class MPO:
         The cores are first made right-orthonormal by QR from the right, then a
         left-to-right sweep of truncated SVDs keeps on each bond at most ``rank``
         directions and, with ``tol``, the fewest directions whose discarded energy
-        is at most ``(tol / sqrt(N - 1))^2 ||W||_F^2``; so
+        is at most ``(tol' / sqrt(N - 1))^2 ||W||_F^2`` (``tol'``: ``tol`` less a
+        reserve for rounding, as in :func:`mpo.decompose`); so
 
             ||W - W_rounded||_F <= tol ||W||_F,
 

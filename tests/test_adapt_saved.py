@@ -3,6 +3,7 @@ model-level switches (disable_adapter, merge_adapter, unmerge_adapter)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 
@@ -187,3 +188,74 @@ def test_merge_adapter_folds_in_place_and_unmerge_adapter_takes_it_out():
     torch.testing.assert_close(restored, weight, rtol=0, atol=1e-6)  # W0 up to rounding
     torch.testing.assert_close(logits(model), trained, rtol=1e-5, atol=1e-5)
     assert not any(layer.merged for _, layer in mpo.adapt.dota_layers(model))
+
+
+def toy_with_head():
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.dense = torch.nn.Linear(16, 16)
+    model.q_proj = torch.nn.Linear(16, 16)
+    model.classifier = torch.nn.Sequential()
+    model.classifier.add_module("dense", torch.nn.Linear(16, 16))
+    model.classifier.add_module("act", torch.nn.ReLU())
+    model.classifier.add_module("out_proj", torch.nn.Linear(16, 3))
+    return model
+
+
+def wrap_toy(model, **config):
+    return wrap(model, rank=2, num_cores=2, quiet=True, **config)
+
+
+class TestWithOtherAdapters:
+    def test_a_later_adapter_never_targets_inside_a_module_to_save(self):
+        model = wrap_toy(toy_with_head(), target_modules=["q_proj"], modules_to_save=["classifier"])
+        wrap_toy(model, adapter_name="b", target_modules=["dense"])
+        assert [name for name, _ in mpo.adapt.dota_layers(model)] == ["dense", "q_proj"]
+
+    def test_a_module_to_save_cannot_be_adapted_by_a_later_adapter(self):
+        model = wrap_toy(toy_with_head(), target_modules=["q_proj"], modules_to_save=["classifier"])
+        with pytest.raises(MPOError, match="'classifier', which an adapter of this model trains"):
+            wrap_toy(model, adapter_name="b", target_modules=["classifier"])
+
+    def test_an_adapted_module_cannot_be_saved_whole_by_a_later_adapter(self):
+        model = wrap_toy(toy_with_head(), target_modules=["q_proj"])
+        with pytest.raises(MPOError, match="'q_proj', which is or holds 'q_proj', adapted"):
+            wrap_toy(model, adapter_name="b", target_modules=["dense"], modules_to_save=["q_proj"])
+
+    def test_a_module_without_state_cannot_be_saved(self):
+        with pytest.raises(MPOError, match=r"'classifier\.act', a ReLU without parameters"):
+            wrap_toy(toy_with_head(), target_modules=["q_proj"], modules_to_save=["act"])
+
+    def test_a_failed_load_gives_each_module_to_save_its_active_copy_back(
+        self, tmp_path, monkeypatch
+    ):
+        model = train(adapted())
+        save_adapter(model, tmp_path / "adapter")
+        before = logits(model)
+        module = importlib.import_module("mpo.adapt.wrap")  # the package's wrap is the function
+        real = module.set_adapter
+
+        def interrupted(*args):
+            real(*args)
+            raise KeyboardInterrupt  # Ctrl-C at the very end of installing
+
+        monkeypatch.setattr(module, "set_adapter", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            load_adapter(model, tmp_path / "adapter", adapter_name="second")
+        assert model.score.active_adapter == "default"
+        assert set(model.score.copies) == {"default"}
+        assert torch.equal(logits(model), before)
+
+
+def test_saving_works_where_torch_keeps_dtensor_in_its_private_module(tmp_path, monkeypatch):
+    # torch 2.4 (the oldest supported) has DTensor in torch.distributed._tensor only
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch.distributed.tensor", types.ModuleType("empty"))
+    model = train(adapted())
+    save_adapter(model, tmp_path / "adapter")
+    mpo.adapt.merge_adapter(model)
+    assert torch.equal(
+        logits(load_adapter(classifier(), tmp_path / "adapter")), logits(train(adapted()))
+    )

@@ -108,6 +108,13 @@ def test_many_unit_factors_plan_like_the_factors_that_are_not():
     assert m.plan(5).flops <= 2 * compact.plan(5).flops
 
 
+def test_a_plan_refuses_operands_of_other_shapes():
+    m = random_mpo(((2, 3, 2), (3, 2, 2)), 3, 0)
+    plan = apply_plan(2, tuple(tuple(core.shape) for core in m.cores))
+    with pytest.raises(mpo.MPOError, match="this plan contracts operands of shapes"):
+        plan(gaussian((2, 3, 2, 2), 0), *m.cores)  # (2, 2, 3, 2) planned: same size
+
+
 def test_plan_prints_flops_and_largest_intermediate():
     m = random_mpo(((4, 4, 8, 8, 4), (4, 4, 8, 8, 4)), 16, 0)
     plan = m.plan(16)
@@ -254,6 +261,12 @@ class TestBadInput:
         m = random_mpo(((2, 3), (3, 2)), 2, 0)
         with pytest.raises(mpo.MPOError, match="cores must stay finite"):
             m * scalar
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_scaling_past_the_dtypes_range(self, backend):
+        m = random_mpo(((2, 3), (3, 2)), 2, 0, backend=backend).astype("float16")
+        with pytest.raises(mpo.MPOError, match=r"overflows the .*float16 last core"):
+            m * 1e6
 
     def test_adding_mpos_of_different_factors(self):
         a = random_mpo(((2, 3), (3, 2)), 2, 0)

@@ -10,6 +10,7 @@ Without ``torch.distributed``, or on plain tensors, they change nothing.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -17,13 +18,24 @@ import torch
 __all__ = ["gathered", "is_sharded", "main_process", "sharded_like"]
 
 
+def _dtensor() -> Any:
+    """The ``torch.distributed.tensor`` module (``._tensor`` before torch 2.5), or None."""
+    if not torch.distributed.is_available():
+        return None
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "DTensor"):
+            return module
+    return None
+
+
 def is_sharded(tensor: Any) -> bool:
     """True for a ``DTensor`` (a parameter FSDP2 has sharded)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+    module = _dtensor()
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def gathered(tensor: torch.Tensor) -> torch.Tensor:
@@ -36,9 +48,12 @@ def sharded_like(whole: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     keeps its own part of what it holds entirely; no communication), else ``whole``."""
     if not is_sharded(reference):
         return whole
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(whole, reference.device_mesh, reference.placements, src_data_rank=None)
+    distribute = _dtensor().distribute_tensor
+    mesh, placements = reference.device_mesh, reference.placements
+    try:
+        return distribute(whole, mesh, placements, src_data_rank=None)
+    except TypeError:  # torch before 2.6: rank 0's copy is scattered (all ranks hold the same)
+        return distribute(whole, mesh, placements)
 
 
 def main_process() -> bool:

@@ -175,6 +175,8 @@ def find_saved(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Modul
         outermost = not _within(name, [chosen for chosen, _ in selected])
         if name and outermost and _matches(name, pattern, "modules_to_save"):
             selected.append((name, module))
+    for name, module in selected:
+        _check_savable(name, module)
     if not selected:
         children = [name for name, _ in model.named_children()]
         heads = sorted(task_heads(model))
@@ -185,6 +187,30 @@ def find_saved(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Modul
             + (f"; its task heads: {', '.join(heads)}" if heads else "")
         )
     return selected
+
+
+def _check_savable(name: str, module: nn.Module) -> None:
+    """Refuse a module to save that has no state, or that is or holds a DoTA layer or
+    another module to save (a copy would train an adapter's cores or nest copies); an
+    existing module to save is fine: it gets one more copy."""
+    if isinstance(module, TrainedModule):
+        return
+    if not module.state_dict():
+        raise MPOError(
+            f"modules_to_save matches {name!r}, a {type(module).__name__} without parameters "
+            "or buffers: there is nothing to train or save; drop it from modules_to_save"
+        )
+    inner = [
+        f"{name}.{n}".rstrip(".")
+        for n, m in module.named_modules()
+        if hasattr(m, "dota_cores") or isinstance(m, TrainedModule)
+    ]
+    if inner:
+        raise MPOError(
+            f"modules_to_save matches {name!r}, which is or holds {inner[0]!r}, adapted or trained "
+            "whole by another adapter of this model; a module is either adapted or trained "
+            "whole: pick modules outside the other adapters"
+        )
 
 
 def unused_when_wrapped(model: nn.Module) -> dict[str, str]:
@@ -244,10 +270,10 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
             and name not in unused
             and not _within(name, heads)
         ]
-    else:
+    else:  # never inside a module to save: its original and copies are trained whole
         candidates = [
             (name, module)
-            for name, module in model.named_modules()
+            for name, module in _outside_trained(list(model.named_modules()))
             if name and _matches(name, targets, "target_modules")
         ]
     selected = [
@@ -264,6 +290,12 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
                 f"{name!r} is matched by target_modules={targets!r} and {clash!r} by "
                 f"modules_to_save={config.modules_to_save!r}: a module is either adapted or "
                 "trained whole; drop it from one of them (or add it to exclude_modules)"
+            )
+        if isinstance(module, TrainedModule):
+            raise MPOError(
+                f"target_modules={targets!r} matches {name!r}, which an adapter of this model "
+                "trains whole (modules_to_save); it cannot also be adapted: drop it from "
+                "target_modules (or add it to exclude_modules)"
             )
         if name in unused:
             raise MPOError(

@@ -106,6 +106,7 @@ def install(
     else:  # what a rollback restores besides the layers
         trainable = [(p, p.requires_grad) for p in model.parameters()]
         active = {name: layer.active_adapter for name, layer in dota_layers(model)}
+        active_copies = {name: m.active_adapter for name, m in trained_modules(model)}
     done: list[tuple[str, nn.Module, nn.Module]] = []
     try:
         for name, module in targets:
@@ -129,6 +130,8 @@ def install(
             model.dota_config.pop(adapter_name, None)
             for name, layer in dota_layers(model):
                 layer.active_adapter = active[name]
+            for name, module in trained_modules(model):
+                module.active_adapter = active_copies.get(name, module.active_adapter)
             for parameter, flag in trainable:
                 parameter.requires_grad_(flag)
         raise
