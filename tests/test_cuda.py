@@ -376,6 +376,23 @@ class TestLlama:
         assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
         torch.testing.assert_close(logits(merged, ids), adapted, rtol=1e-4, atol=1e-5)
 
+    def test_a_trained_head_to_save_round_trips_and_merges_on_the_device(self, tmp_path):
+        # modules_to_save: the head's copy is made, trained, saved and loaded on the device
+        model = mpo.adapt.wrap(
+            tiny_llama(), rank=4, num_cores=3, modules_to_save=["lm_head"], quiet=True
+        )
+        losses_on_a_fixed_batch(model, steps=2)
+        ids = token_ids()
+        expected = logits(model, ids)
+        mpo.adapt.save_adapter(model, tmp_path / "adapter")
+        restored = mpo.adapt.load_adapter(tiny_llama(), tmp_path / "adapter")
+        assert not off_device(restored)
+        assert torch.equal(logits(restored, ids), expected)
+        with mpo.adapt.disable_adapter(restored):
+            assert torch.equal(logits(restored, ids), logits(tiny_llama(), ids))
+        mpo.adapt.merge_adapter(restored)
+        torch.testing.assert_close(logits(restored, ids), expected, rtol=1e-4, atol=1e-5)
+
 
 # -- QDoTA: the NF4 residual on the device ------------------------------------------------
 
