@@ -247,11 +247,15 @@ class MPO:
         with warnings.catch_warnings():  # numpy's overflow warning: reported below instead
             warnings.simplefilter("ignore", RuntimeWarning)
             last = self._cores[-1] * factor
-        if not self._backend.all_finite(last):
-            raise MPOError(
-                f"scaling by {shown} overflows the {self.dtype} last core; cast the MPO to a "
-                "wider dtype first (.astype('float32') or 'float64')"
-            )
+        overflowed = (
+            abs(factor) > 1
+            and not self._backend.all_finite(last)
+            and self._backend.all_finite(self._cores[-1])  # finite before: an overflow
+        )
+        if overflowed:
+            narrow = self._backend.eps(self.dtype) > 2.3e-16  # narrower than float64
+            wider = "; cast the MPO to a wider dtype first (.astype('float64'))" if narrow else ""
+            raise MPOError(f"scaling by {shown} overflows the {self.dtype} last core{wider}")
         return MPO([*self._cores[:-1], last])
 
     __rmul__ = __mul__

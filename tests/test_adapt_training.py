@@ -356,6 +356,19 @@ def test_save_adapter_callback_writes_the_adapter_into_each_checkpoint(tmp_path)
     assert not torch.equal(halfway, trained)  # the adapter as it was at step 2
 
 
+def test_save_adapter_callback_warns_where_the_checkpoint_is_elsewhere(tmp_path):
+    # Trainer.hyperparameter_search saves checkpoints in run folders below output_dir
+    from transformers import TrainerControl, TrainerState
+
+    from mpo.adapt.trainer import SaveAdapterCallback
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state = TrainerState(global_step=2)
+    with pytest.warns(UserWarning, match="no checkpoint folder .*checkpoint-2"):
+        SaveAdapterCallback().on_save(args, state, TrainerControl(), model=adapted_model("llama"))
+    assert not any(tmp_path.iterdir())
+
+
 def logged_losses(trainer: Trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 

@@ -265,8 +265,18 @@ class TestBadInput:
     @pytest.mark.parametrize("backend", BACKENDS)
     def test_scaling_past_the_dtypes_range(self, backend):
         m = random_mpo(((2, 3), (3, 2)), 2, 0, backend=backend).astype("float16")
-        with pytest.raises(mpo.MPOError, match=r"overflows the .*float16 last core"):
+        with pytest.raises(mpo.MPOError, match=r"overflows the .*float16 last core; cast"):
             m * 1e6
+        wide = random_mpo(((2, 3), (3, 2)), 2, 0, backend=backend)
+        with pytest.raises(mpo.MPOError, match=r"overflows the .*float64 last core$"):
+            wide * 1e308
+
+    def test_scaling_passes_non_finite_cores_through(self):
+        # an MPO may hold Inf (MPO() accepts it); scaling it is no overflow of ours
+        m = mpo.MPO([np.ones((1, 2, 2, 1)), np.full((1, 2, 2, 1), np.inf)])
+        assert np.isinf((m * 1.0).to_dense()).all()
+        assert np.isinf((-m).to_dense()).all()
+        assert np.isinf((m * 3.0).to_dense()).all()
 
     def test_adding_mpos_of_different_factors(self):
         a = random_mpo(((2, 3), (3, 2)), 2, 0)

@@ -724,7 +724,12 @@ def load_adapter(
             state = {
                 key: tensors[f"{module_name}.{SAVED}.{key}"] for key in header.saved[module_name]
             }
-            trained.copies[name].load_state_dict(state)
+            try:
+                trained.copies[name].load_state_dict(state)
+            except BaseException:
+                if trained is base:  # a copy added in place: install has not recorded it yet
+                    trained.delete_adapter(name)
+                raise
             return trained
         record = header.records[module_name]
         cores = _cores(tensors, module_name, "dota_cores", record, base.weight.device)

@@ -17,13 +17,16 @@ every checkpoint, and to ``output_dir/adapter`` when training ends::
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from mpo.adapt.checkpoint import save_adapter
 from mpo.adapt.sharding import is_sharded
+from mpo.adapt.wrap import dota_layers
 
 __all__ = ["SaveAdapterCallback"]
 
@@ -31,8 +34,11 @@ __all__ = ["SaveAdapterCallback"]
 class SaveAdapterCallback(TrainerCallback):
     """Write the active adapter next to each ``Trainer`` checkpoint and at the end.
 
-    Only the main process writes, except under FSDP2, where every rank takes
-    part in gathering the cores (:func:`mpo.adapt.save_adapter`).
+    Only the main process writes. Under FSDP every rank takes part in gathering
+    the cores: FSDP2's shards through :func:`mpo.adapt.save_adapter`, FSDP1's
+    flat parameters inside ``summon_full_params``. Under
+    ``Trainer.hyperparameter_search`` (checkpoints in run folders) it warns and
+    writes nothing.
 
     Parameters:
         folder: the adapter's folder name inside each checkpoint.
@@ -46,8 +52,13 @@ class SaveAdapterCallback(TrainerCallback):
     def _save(self, args: TrainingArguments, model: nn.Module | None, path: str) -> None:
         if model is None:
             return
-        sharded = any(is_sharded(p) for p in model.parameters())
-        if sharded or args.should_save:
+        if isinstance(model, FullyShardedDataParallel):  # FSDP1: every rank gathers the cores
+            with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+                if args.should_save:
+                    save_adapter(model.module, path)
+            return
+        cores = (core for _, layer in dota_layers(model) for core in layer.dota_cores.parameters())
+        if any(is_sharded(core) for core in cores) or args.should_save:  # FSDP2: every rank
             save_adapter(model, path)
 
     def on_save(
@@ -59,6 +70,15 @@ class SaveAdapterCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(checkpoint):  # hyperparameter search saves into a run folder
+            warnings.warn(
+                f"SaveAdapterCallback: no checkpoint folder {checkpoint}, so the adapter was not "
+                "written there (under Trainer.hyperparameter_search checkpoints go to run "
+                "folders; save the best run's adapter with mpo.adapt.save_adapter)",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
         self._save(args, model, os.path.join(checkpoint, self.folder))
 
     def on_train_end(

@@ -382,9 +382,8 @@ def _warn_uncompressed(targets: list[tuple[str, nn.Module]], config: DoTAConfig)
     if full:
         warnings.warn(
             f"{len(full)} adapter(s) hold at least as many parameters as their weight, e.g. "
-            f"{full[0]}: a dimension that factors poorly (a prime is one factor padded with "
-            "1s) leaves the MPO nothing to compress; exclude them (exclude_modules) or give "
-            "shapes= with more balanced factors",
+            f"{full[0]}: lower rank=, or exclude them (exclude_modules); a prime dimension "
+            "(one factor padded with 1s) leaves the MPO nothing to compress at any rank",
             UserWarning,
             stacklevel=3,  # the caller of wrap
         )
