@@ -1,6 +1,6 @@
 """One process of the distributed tests in ``test_adapt_training.py``: SGD on a wrapped tiny LLaMA.
 
-Run as ``python ddp_worker.py RANK WORLD_SIZE PORT OUT [nf4|fsdp2]``. Every process
+Run as ``python ddp_worker.py RANK WORLD_SIZE PORT OUT [nf4|fsdp2|fsdp1]``. Every process
 builds the same model and the same global batch from fixed seeds; with
 ``WORLD_SIZE == 2`` it joins a gloo process group on 127.0.0.1:PORT, trains
 ``torch.nn.parallel.DistributedDataParallel`` on its half of the batch, and
@@ -11,7 +11,10 @@ trained cores go to ``OUT`` as safetensors; the test calls :func:`train`
 itself for the single-process reference. With ``fsdp2`` the model is sharded by
 ``fully_shard`` (each decoder layer, then the whole) instead, and after training
 every rank calls ``save_adapter(model, OUT/adapter)`` and ``merge_and_unload``;
-``OUT/logits-RANK.safetensors`` holds the merged model's logits on the batch.
+``OUT/logits-RANK.safetensors`` holds the merged model's logits on the batch. With
+``fsdp1`` the model is wrapped by ``FullyShardedDataParallel`` (a unit per decoder
+layer, ``use_orig_params=True``) and every rank calls ``save_adapter`` inside
+``summon_full_params``, as docs/how-to/distributed.md says (rank 0 writes).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def train(
     rank: int, world_size: int, port: int, quantize: str | None = None, out: str | None = None
 ) -> dict:
     """The cores after ``STEPS`` SGD steps, by name (contiguous, for safetensors)."""
-    sharding = quantize == "fsdp2"
+    sharding = quantize if quantize in ("fsdp1", "fsdp2") else None
     quantize = None if sharding else quantize
     extra = {"quantize": quantize, "dtype": "float32"} if quantize else {}
     model = mpo.adapt.wrap(base_model(), rank=4, num_cores=3, quiet=True, **extra)
@@ -63,24 +66,40 @@ def train(
             # one rank tens of seconds after the other
             timeout=timedelta(seconds=120),
         )
-        if sharding:
+        if sharding == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 
             for layer in model.model.layers:
                 fully_shard(layer)
             trained = fully_shard(model)
+        elif sharding == "fsdp1":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+            from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+            trained = FullyShardedDataParallel(
+                model,
+                auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                use_orig_params=True,
+                device_id=torch.device("cpu"),
+            )
         else:
             trained = torch.nn.parallel.DistributedDataParallel(
                 model, broadcast_buffers=quantize is None
             )
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.5)
     for _ in range(STEPS):
         # The loss is a mean over the shard's tokens and DDP averages over ranks,
         # so with equal shards the gradient is that of the global batch's mean loss.
         trained(input_ids=shard, labels=shard).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    if sharding:  # every rank: the cores are gathered, rank 0 writes
+    if sharding == "fsdp1":  # every rank gathers, rank 0 writes
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(trained, writeback=False):
+            mpo.adapt.save_adapter(trained.module, f"{out}/adapter")
+    if sharding == "fsdp2":  # every rank: the cores are gathered, rank 0 writes
         mpo.adapt.save_adapter(model, f"{out}/adapter")
         mpo.adapt.merge_and_unload(model)
         with torch.no_grad():
@@ -102,7 +121,7 @@ if __name__ == "__main__":
     rank, world_size, port = (int(arg) for arg in sys.argv[1:4])
     torch.set_num_threads(1)  # two ranks share the test machine's cores
     mode = sys.argv[5] if len(sys.argv) > 5 else None
-    if mode == "fsdp2":
+    if mode in ("fsdp1", "fsdp2"):
         train(rank, world_size, port, mode, out=sys.argv[4])
     else:
         save_file(train(rank, world_size, port, mode), sys.argv[4])

@@ -571,6 +571,36 @@ def test_fsdp2_trains_saves_and_merges_like_one_process(tmp_path):
         torch.testing.assert_close(logits, merged, rtol=1e-4, atol=1e-5)
 
 
+def test_fsdp1_saves_inside_summon_full_params_like_one_process(tmp_path):
+    # FSDP1 keeps the cores as flat shards under _fsdp_wrapped_module names; every rank
+    # gathers them in summon_full_params, rank 0 writes, under the plain model's names
+    port, environment = free_loopback_port(), worker_environment()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), "2", str(port), str(tmp_path), "fsdp1"],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        worker = load_worker()
+        single = adapted_like_the_worker(worker)
+        logs = [process.communicate(timeout=300)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(logs)
+    batch = worker.global_batch()
+    with torch.no_grad():
+        loaded = mpo.adapt.load_adapter(worker.base_model(), tmp_path / "adapter")
+        torch.testing.assert_close(
+            loaded(input_ids=batch).logits, single(input_ids=batch).logits, rtol=1e-4, atol=1e-5
+        )
+
+
 def adapted_like_the_worker(worker):
     """The worker's model trained in this process on the whole batch."""
     trained = worker.train(rank=0, world_size=1, port=0)

@@ -364,7 +364,7 @@ def save_adapter(
     FSDP2 (``fully_shard``), call it on every rank with the sharded model: the
     cores are gathered (a collective) and rank 0 writes. With FSDP1, call it on
     every rank inside ``FullyShardedDataParallel.summon_full_params(model)``
-    with ``model.module``. Module names are recorded without the wrappers'
+    with ``model.module``; rank 0 writes. Module names are recorded without the wrappers'
     segments (``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``,
     ``_orig_mod``), so the checkpoint loads into the plain model.
 
@@ -396,10 +396,16 @@ def save_adapter(
         if any(core.dim() != 4 for cores in groups.values() for core in cores):
             raise MPOError(
                 f"the cores of {qualified} are flattened shards (FSDP with flat parameters); "
-                "save inside `with FullyShardedDataParallel.summon_full_params(model):`, "
-                "on every rank"
+                "call save_adapter inside `with FullyShardedDataParallel.summon_full_params("
+                "model):` on every rank (rank 0 writes)"
             )
-        sharded = sharded or any(is_sharded(core) for cores in groups.values() for core in cores)
+        # FSDP2's DTensor shards, or FSDP1's units (gathered by summon_full_params): every
+        # rank holds the whole cores, so one writes
+        sharded = (
+            sharded
+            or any(is_sharded(core) for cores in groups.values() for core in cores)
+            or "_fsdp_wrapped_module." in qualified
+        )
         qualified = _unwrapped_name(qualified)
         modules[qualified] = _record_of(layer, name).to_json()
         for group, cores in groups.items():
