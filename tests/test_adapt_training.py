@@ -4,6 +4,7 @@ gradient checkpointing. Every model is a tiny one built from a config (no downlo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -504,16 +505,16 @@ def load_worker():
     return module
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(quantize, tmp_path):
-    if quantize:
-        pytest.importorskip("bitsandbytes")
+@contextlib.contextmanager
+def two_ranks(outputs: list, mode: str | None = None):
+    """Run ddp_worker.py as ranks 0 and 1 (``OUT`` = ``outputs[rank]``, then ``mode``) while
+    the block runs (a single-process reference, say); on leaving, wait for both and check
+    that they exited cleanly, showing their output if not."""
     port, environment = free_loopback_port(), worker_environment()
-    outputs = [tmp_path / f"rank{rank}.safetensors" for rank in range(2)]
     processes = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(rank), "2", str(port), str(output)]
-            + ([quantize] if quantize else []),
+            + ([mode] if mode else []),
             env=environment,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -522,12 +523,21 @@ def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(quantiz
         for rank, output in enumerate(outputs)
     ]
     try:
-        single = load_worker().train(rank=0, world_size=1, port=0, quantize=quantize)
+        yield
         logs = [process.communicate(timeout=300)[0] for process in processes]
     finally:
         for process in processes:
             process.kill()
     assert [process.returncode for process in processes] == [0, 0], "\n".join(logs)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_ddp_on_two_processes_trains_like_one_process_on_the_whole_batch(quantize, tmp_path):
+    if quantize:
+        pytest.importorskip("bitsandbytes")
+    outputs = [tmp_path / f"rank{rank}.safetensors" for rank in range(2)]
+    with two_ranks(outputs, quantize):
+        single = load_worker().train(rank=0, world_size=1, port=0, quantize=quantize)
     rank0, rank1 = (load_file(output) for output in outputs)
     assert_same_tensors(rank1, rank0, rtol=0, atol=0)
     assert_same_tensors(rank0, single, rtol=1e-5, atol=1e-6)
@@ -541,25 +551,9 @@ def test_fsdp2_trains_saves_and_merges_like_one_process(tmp_path):
     # save_adapter gathers them on every rank (rank 0 writes), merging cuts Delta to the
     # weight's shard
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed")
-    port, environment = free_loopback_port(), worker_environment()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), "2", str(port), str(tmp_path), "fsdp2"],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        worker = load_worker()
+    worker = load_worker()
+    with two_ranks([tmp_path, tmp_path], "fsdp2"):
         single = adapted_like_the_worker(worker)
-        logs = [process.communicate(timeout=300)[0] for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    assert [process.returncode for process in processes] == [0, 0], "\n".join(logs)
     batch = worker.global_batch()
     with torch.no_grad():
         expected = single(input_ids=batch).logits
@@ -574,25 +568,9 @@ def test_fsdp2_trains_saves_and_merges_like_one_process(tmp_path):
 def test_fsdp1_saves_inside_summon_full_params_like_one_process(tmp_path):
     # FSDP1 keeps the cores as flat shards under _fsdp_wrapped_module names; every rank
     # gathers them in summon_full_params, rank 0 writes, under the plain model's names
-    port, environment = free_loopback_port(), worker_environment()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), "2", str(port), str(tmp_path), "fsdp1"],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        worker = load_worker()
+    worker = load_worker()
+    with two_ranks([tmp_path, tmp_path], "fsdp1"):
         single = adapted_like_the_worker(worker)
-        logs = [process.communicate(timeout=300)[0] for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    assert [process.returncode for process in processes] == [0, 0], "\n".join(logs)
     batch = worker.global_batch()
     with torch.no_grad():
         loaded = mpo.adapt.load_adapter(worker.base_model(), tmp_path / "adapter")

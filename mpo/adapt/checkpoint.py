@@ -264,6 +264,19 @@ def _warn_unsaved(model: nn.Module) -> None:
         )
 
 
+def _stored(tensor: torch.Tensor, label: str) -> torch.Tensor:
+    """``tensor`` as the weights file stores it: whole (FSDP2 shards are gathered: every
+    rank takes part, rank 0 writes), finite, and a contiguous cpu copy (safetensors
+    refuses entries that share memory, such as a head tied inside a module to save)."""
+    tensor = gathered(tensor)
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise MPOError(
+            f"{label} holds NaN or Inf, so the checkpoint could not be loaded; "
+            "training diverged: lower the learning rate or save an earlier state"
+        )
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
 def _saved_state(model: nn.Module, adapter_name: str) -> dict[str, dict[str, torch.Tensor]]:
     """The state of each module to save's copy for ``adapter_name``, by unwrapped name."""
     return {
@@ -410,14 +423,8 @@ def save_adapter(
         modules[qualified] = _record_of(layer, name).to_json()
         for group, cores in groups.items():
             for k, core in enumerate(cores):
-                core = gathered(core)  # FSDP2: every rank takes part, rank 0 writes
                 key = f"{qualified}.{group}.{k}"
-                if not torch.isfinite(core).all():
-                    raise MPOError(
-                        f"core {key} holds NaN or Inf, so the checkpoint could not be loaded; "
-                        "training diverged: lower the learning rate or save an earlier state"
-                    )
-                tensors[key] = core.detach().to("cpu").contiguous()
+                tensors[key] = _stored(core, f"core {key}")
     header = {
         "method": "dota",
         "format_version": 1,
@@ -432,14 +439,7 @@ def save_adapter(
     for qualified, state in saved.items():
         for key, tensor in state.items():
             sharded = sharded or is_sharded(tensor)
-            tensor = gathered(tensor)
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise MPOError(
-                    f"{qualified}.{key} holds NaN or Inf, so the checkpoint could not be loaded; "
-                    "training diverged: lower the learning rate or save an earlier state"
-                )
-            # a copy: safetensors refuses entries that share memory (a head tied inside)
-            tensors[f"{qualified}.{SAVED}.{key}"] = tensor.detach().to("cpu", copy=True)
+            tensors[f"{qualified}.{SAVED}.{key}"] = _stored(tensor, f"{qualified}.{key}")
     if saved:
         header["format_version"] = FORMAT_VERSION
         header[SAVED] = {

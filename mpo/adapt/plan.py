@@ -238,7 +238,8 @@ def plan(
     resolved = resolve_config(config, overrides)
     model = _as_model(model_or_config)
     modules = []
-    for name, module in find_targets(model, resolved):
+    to_save = find_saved(model, resolved)
+    for name, module in find_targets(model, resolved, to_save):
         out_features, in_features = weight_shape(module)
         rows, cols = resolved.factor_shapes(out_features, in_features)
         modules.append(
@@ -252,8 +253,5 @@ def plan(
             )
         )
     base_params = sum(p.numel() for p in model.parameters())
-    saved = tuple(
-        (name, sum(p.numel() for p in module.parameters()))
-        for name, module in find_saved(model, resolved)
-    )
+    saved = tuple((name, sum(p.numel() for p in module.parameters())) for name, module in to_save)
     return AdapterPlan(tuple(modules), base_params, resolved, saved)

@@ -47,6 +47,7 @@ __all__ = [
     "task_heads",
     "unused_when_wrapped",
     "weight_shape",
+    "within",
 ]
 
 #: Attributes under which transformers' task models keep a head of their own.
@@ -155,7 +156,8 @@ def task_heads(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _within(name: str, roots: Sequence[str]) -> bool:
+def within(name: str, roots: Sequence[str]) -> bool:
+    """True if the module ``name`` is one of ``roots`` or lies inside one."""
     return any(name == root or name.startswith(root + ".") for root in roots)
 
 
@@ -172,7 +174,7 @@ def find_saved(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Modul
         return []
     selected: list[tuple[str, nn.Module]] = []
     for name, module in _outside_trained(list(model.named_modules())):
-        outermost = not _within(name, [chosen for chosen, _ in selected])
+        outermost = not within(name, [chosen for chosen, _ in selected])
         if name and outermost and _matches(name, pattern, "modules_to_save"):
             selected.append((name, module))
     for name, module in selected:
@@ -231,13 +233,17 @@ def _leaf_names(modules: list[tuple[str, nn.Module]]) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, _ in modules})
 
 
-def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Module]]:
+def find_targets(
+    model: nn.Module, config: DoTAConfig, saved: list[tuple[str, nn.Module]] | None = None
+) -> list[tuple[str, nn.Module]]:
     """The modules ``config`` selects for adapters, as ``(qualified name, module)``, model order.
 
     A module is selected when it matches ``config.target_modules`` and not
     ``config.exclude_modules`` (rules in the module docstring). The output
     head under ``"all-linear"`` is the module ``model.get_output_embeddings()``
     returns, or, for models without one, any module named ``lm_head``.
+    ``saved`` is :func:`find_saved`'s answer for the same model and config, for a
+    caller that has it already (found here otherwise).
 
     Raises:
         MPOError: a selected module is not linear (the message names it and
@@ -258,17 +264,17 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
     """
     targets, excludes = config.target_modules, config.exclude_modules
     unused = unused_when_wrapped(model)
-    saved = [name for name, _ in find_saved(model, config)]
+    saved_names = [name for name, _ in (find_saved(model, config) if saved is None else saved)]
     if targets == "all-linear":
         head = _output_head(model)
-        heads = [*saved, *task_heads(model)]
+        heads = [*saved_names, *task_heads(model)]
         candidates = [
             (name, module)
             for name, module in linear_modules(model)
             if module is not head
             and (head is not None or name.rsplit(".", 1)[-1] != "lm_head")
             and name not in unused
-            and not _within(name, heads)
+            and not within(name, heads)
         ]
     else:  # never inside a module to save: its original and copies are trained whole
         candidates = [
@@ -283,7 +289,7 @@ def find_targets(model: nn.Module, config: DoTAConfig) -> list[tuple[str, nn.Mod
     ]
     for name, module in selected:
         clash = next(
-            (root for root in saved if _within(name, [root]) or _within(root, [name])), None
+            (root for root in saved_names if within(name, [root]) or within(root, [name])), None
         )
         if clash is not None:
             raise MPOError(

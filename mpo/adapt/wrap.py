@@ -40,7 +40,7 @@ from mpo.adapt.quant import (
     require_bitsandbytes,
 )
 from mpo.adapt.saved import TrainedModule, trained_modules
-from mpo.adapt.targets import find_saved, find_targets, task_heads, weight_shape
+from mpo.adapt.targets import find_saved, find_targets, task_heads, weight_shape, within
 from mpo.count import param_count
 from mpo.errors import MPOError
 
@@ -137,6 +137,11 @@ def install(
         raise
 
 
+def _merged(layers: list[tuple[str, nn.Module]]) -> list[str]:
+    """The names of the merged layers among ``layers`` (QDoTA layers never merge in place)."""
+    return [name for name, layer in layers if getattr(layer, "merged", False)]
+
+
 def _check_known(model: nn.Module, adapter_name: str) -> None:
     adapters = sorted(getattr(model, "dota_config", {}))
     if adapter_name not in adapters:
@@ -156,7 +161,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """
     _check_known(model, adapter_name)
     layers = dota_layers(model)
-    merged = [name for name, layer in layers if getattr(layer, "merged", False)]
+    merged = _merged(layers)
     if merged:  # checked first: a switch stopped halfway would mix two adapters
         raise MPOError(f"{merged[0]} is merged; unmerge it before switching adapters")
     for _, layer in layers:
@@ -211,7 +216,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """
     _require_layers(model, "disable_adapter")
     layers = dota_layers(model)
-    merged = [name for name, layer in layers if getattr(layer, "merged", False)]
+    merged = _merged(layers)
     if merged:
         raise MPOError(
             f"{merged[0]} is merged: disabling it would unmerge it, which rounds W0; unmerge "
@@ -268,7 +273,7 @@ def check_can_add(model: nn.Module, adapter_name: str, quantize: str | None) -> 
             "W0 - MPO(T0) of one adapter's T0. Reload the base model for another QDoTA "
             "adapter, or add DoTA adapters to a model wrapped without quantize"
         )
-    merged = [name for name, layer in layers if layer.merged]
+    merged = _merged(layers)
     if merged:
         raise MPOError(f"{merged[0]} is merged; unmerge it before adding an adapter")
 
@@ -447,8 +452,8 @@ def wrap(
     check_adapter_name(adapter_name, "wrap")
     if dota_layers(model):
         check_can_add(model, adapter_name, resolved.quantize)
-    targets = find_targets(model, resolved)
     saved = find_saved(model, resolved)
+    targets = find_targets(model, resolved, saved)
     check_untied(model, targets)
     if not dota_layers(model):
         _warn_frozen_heads(model, targets, saved)
@@ -512,7 +517,7 @@ def _warn_frozen_heads(
     frozen = [
         name
         for name, head in task_heads(model).items()
-        if not any(n == name or n.startswith(name + ".") for n in covered)
+        if not any(within(n, [name]) for n in covered)
     ]
     if frozen:
         warnings.warn(
