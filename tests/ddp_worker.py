@@ -67,11 +67,15 @@ def train(
             timeout=timedelta(seconds=120),
         )
         if sharding == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            # fully_shard's default mesh is on the accelerator when there is one, where
+            # this cpu model under gloo crashed both ranks (torch 2.11 on a GPU machine)
+            mesh = init_device_mesh("cpu", (world_size,))
             for layer in model.model.layers:
-                fully_shard(layer)
-            trained = fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+            trained = fully_shard(model, mesh=mesh)
         elif sharding == "fsdp1":
             from torch.distributed.fsdp import FullyShardedDataParallel
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
