@@ -265,6 +265,33 @@ class TestStrategyChoice:
         assert choose(4096, self.layout, training=True, with_init=True) == "dense"
 
 
+@given(shape=factor_shapes(min_cores=2, max_cores=6, max_entries=1024), seed=st.integers(0, 99))
+def test_the_halves_multiply_to_the_matrix_of_the_cores(shape, seed):
+    # random bond ranks (not only TT-SVD's), so that every split and chain length occurs
+    rows, cols = shape
+    generator = torch.Generator().manual_seed(seed)
+    ranks = [1, *torch.randint(1, 5, (len(rows) - 1,), generator=generator).tolist(), 1]
+    cores = [
+        torch.randn(ranks[k], i, j, ranks[k + 1], generator=generator, dtype=torch.float64)
+        for k, (i, j) in enumerate(zip(rows, cols, strict=True))
+    ]
+    layout = Layout(tuple(tuple(core.shape) for core in cores), transposed=False)
+    left, right = mpo.adapt.delta.halves(cores, layout)
+    i_l, j_l, i_r, j_r = layout.blocks
+    matrix = (left @ right).view(i_l, j_l, i_r, j_r).permute(0, 2, 1, 3).reshape(i_l * i_r, -1)
+    torch.testing.assert_close(matrix, mpo.MPO(cores).to_dense(), rtol=1e-12, atol=1e-12)
+    # the dense strategy's node computes the same halves and takes their gradients itself
+    node = mpo.adapt.delta._Halves.apply
+    leaves = [core.requires_grad_(True) for core in cores]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(node(layout.plans[0], *leaves), (left, right), strict=True)
+    )
+    # multilinear in each entry: finite differences are exact up to rounding
+    check = torch.autograd.gradcheck
+    assert check(lambda *c: node(layout.plans[0], *c), leaves, atol=1e-9, rtol=1e-7)
+
+
 def _step(layer, x, strategy):
     """Output and gradients (input, then cores) of ``sum(y * w)`` for a fixed ``w``."""
     layer.strategy = strategy
@@ -624,13 +651,13 @@ def test_generation_reuses_the_halves_while_the_cores_stay_put(monkeypatch):
     layer = DoTALinear(linear(), rank=4, shape=SHAPE)
     layer.strategy = "factored"
     computed = []
-    real_pair = mpo.adapt.layer.pair
+    real_join = mpo.adapt.layer.join
 
     def counted(*args):
         computed.append(1)
-        return real_pair(*args)
+        return real_join(*args)
 
-    monkeypatch.setattr(mpo.adapt.layer, "pair", counted)
+    monkeypatch.setattr(mpo.adapt.layer, "join", counted)
     x = torch.randn(1, 64)
     layer(x).sum().item()  # a forward with autograd on and no backward (a logged loss)
     with torch.no_grad():

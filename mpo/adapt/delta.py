@@ -31,6 +31,7 @@ round differently.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from math import prod
@@ -47,6 +48,7 @@ __all__ = [
     "dense_forward",
     "factored_delta",
     "halves",
+    "join",
     "pair",
 ]
 
@@ -97,14 +99,113 @@ class Layout:
 
 
 def halves(cores: list[Any], layout: Layout) -> tuple[Any, Any]:
-    """``L`` (``I_L J_L x r``) and ``R`` (``r x I_R J_R``) with ``Delta ~ L @ R`` permuted."""
+    """``L`` (``I_L J_L x r``) and ``R`` (``r x I_R J_R``) with ``Delta ~ L @ R`` permuted.
+
+    Each half is a chain of cores, contracted one matrix product per bond from its
+    outer end (left to right for ``L``, right to left for ``R``), then permuted
+    into rows-then-columns order once; :func:`mpo.contract.half_plans` chooses the
+    split. Executing its opt_einsum plans per call instead cost about a third of a
+    small layer's training step on a CPU, in Python bookkeeping alone. Plain torch
+    operations: autograd, autocast and ``torch.func`` treat them as any others (the
+    dense strategy takes its own gradients, :class:`_Halves`).
+    """
     if len(cores) == 1:
         return cores[0].reshape(-1, 1), cores[0].new_ones(1, 1)
-    split, left_plan, right_plan = layout.plans
-    left = left_plan(*cores[:split])
-    right = right_plan(*cores[split:])
-    rank = left.shape[-1]
-    return left.reshape(-1, rank), right.reshape(rank, -1)
+    chains = _Chains(cores, layout.plans[0])
+    return chains.halves(chains.lefts[-1], chains.rights[-1])
+
+
+class _Chains:
+    """The products of :func:`halves`: ``lefts[m]`` contracts cores ``0..m`` and
+    ``rights[m]`` the last ``m + 1`` cores, as matrices with the open bond last, resp. first.
+
+    Left chain (cores ``1..k``): ``P_1 = C_1`` as ``(i_1 j_1, a_1)`` and
+    ``P_m = P_{m-1} @ C_m`` with ``P_{m-1}`` as ``(., a_{m-1})`` and ``C_m`` as
+    ``(a_{m-1}, i_m j_m a_m)``; the right chain (cores ``k+1..N``) mirrors it from ``C_N``.
+    """
+
+    def __init__(self, cores: Sequence[Any], split: int) -> None:
+        self.left_cores, self.right_cores = cores[:split], cores[split:]
+        first, last = cores[0], cores[-1]
+        self.lefts = [first.reshape(-1, first.shape[-1])]
+        for core in self.left_cores[1:]:
+            rows = self.lefts[-1].reshape(-1, core.shape[0])
+            self.lefts.append(rows @ core.reshape(core.shape[0], -1))
+        self.rights = [last.reshape(last.shape[0], -1)]
+        for core in reversed(self.right_cores[:-1]):
+            columns = self.rights[-1].reshape(core.shape[-1], -1)
+            self.rights.append(core.reshape(-1, core.shape[-1]) @ columns)
+        k, m = len(self.left_cores), len(self.right_cores)
+        rank = self.left_cores[-1].shape[-1]
+        # the factors come out interleaved (i_1, j_1, i_2, j_2, ...): rows, then columns
+        self.left_view = (*_factor_dims(self.left_cores), rank)
+        self.left_order = (*range(0, 2 * k, 2), *range(1, 2 * k, 2), 2 * k)
+        self.right_view = (rank, *_factor_dims(self.right_cores))
+        self.right_order = (0, *range(1, 2 * m + 1, 2), *range(2, 2 * m + 1, 2))
+
+    def halves(self, left: Any, right: Any) -> tuple[Any, Any]:
+        """The last products of the chains as ``L`` and ``R``."""
+        rank = self.left_view[-1]
+        left = left.reshape(self.left_view).permute(self.left_order).reshape(-1, rank)
+        right = right.reshape(self.right_view).permute(self.right_order).reshape(rank, -1)
+        return left, right
+
+
+def _factor_dims(cores: Sequence[Any]) -> list[int]:
+    return [d for core in cores for d in core.shape[1:3]]
+
+
+def _unpermuted(grad: Any, view: tuple[int, ...], order: tuple[int, ...]) -> Any:
+    """The gradient of ``chain.reshape(view).permute(order)`` as a tensor of ``view``."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return grad.reshape(tuple(view[axis] for axis in order)).permute(inverse)
+
+
+class _Halves(torch.autograd.Function):
+    """:func:`halves` as one autograd node, forward and backward with autocast off: the
+    dense strategy's gradients of the cores are then float32 (in their dtype) even when
+    a loop calls ``backward()`` inside ``torch.autocast``, where autograd would run
+    the chains' recorded products in bfloat16.
+
+    The backward of ``P_m = P_{m-1} @ C_m`` (:class:`_Chains`) takes
+    ``dC_m = P_{m-1}^T dP_m`` and ``dP_{m-1} = dP_m C_m^T``, and mirrored on the right.
+    """
+
+    @staticmethod
+    def forward(ctx, split, *cores):  # type: ignore[override]
+        with torch.autocast(cores[0].device.type, enabled=False):
+            chains = _Chains(cores, split)
+        ctx.split = split
+        ctx.views = chains.left_view, chains.left_order, chains.right_view, chains.right_order
+        # the cores and the chains' intermediates, each at most a half's size
+        ctx.save_for_backward(*cores, *chains.lefts[:-1], *chains.rights[:-1])
+        return chains.halves(chains.lefts[-1], chains.rights[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_left, grad_right):  # type: ignore[override]
+        split, (left_view, left_order, right_view, right_order) = ctx.split, ctx.views
+        saved = ctx.saved_tensors
+        # saved: the n cores, then split - 1 left and n - split - 1 right intermediates
+        n = (len(saved) + 2) // 2
+        cores, lefts, rights = saved[:n], saved[n : n + split - 1], saved[n + split - 1 :]
+        grads = [None] * n
+        with torch.autocast(cores[0].device.type, enabled=False):
+            grad = _unpermuted(grad_left, left_view, left_order)
+            for m in range(split - 1, 0, -1):  # cores[m] took lefts[m - 1] to the next
+                rows, core = lefts[m - 1].reshape(-1, cores[m].shape[0]), cores[m]
+                grad = grad.reshape(rows.shape[0], -1)
+                grads[m] = (rows.T @ grad).reshape(core.shape)
+                grad = grad @ core.reshape(core.shape[0], -1).T
+            grads[0] = grad.reshape(cores[0].shape)
+            grad = _unpermuted(grad_right, right_view, right_order)
+            for m in range(split, n - 1):  # cores[m] took rights[n - m - 2] to the next
+                columns, core = rights[n - m - 2].reshape(cores[m].shape[-1], -1), cores[m]
+                grad = grad.reshape(-1, columns.shape[1])
+                grads[m] = (grad @ columns.T).reshape(core.shape)
+                grad = core.reshape(-1, core.shape[-1]).T @ grad
+            grads[n - 1] = grad.reshape(cores[n - 1].shape)
+        return None, *grads
 
 
 def pair(cores: list[Any], init: list[Any] | None, layout: Layout) -> tuple[Any, Any]:
@@ -117,22 +218,24 @@ def pair(cores: list[Any], init: list[Any] | None, layout: Layout) -> tuple[Any,
     (``L = L0``, ``R = R0``) every term has an exactly zero factor, so ``Delta`` is
     exactly zero in any dtype.
     """
-    return _join(halves(cores, layout), None if init is None else halves(init, layout))
+    return join(halves(cores, layout), None if init is None else halves(init, layout))
 
 
-def _join(term: tuple[Any, Any], initial: tuple[Any, Any] | None) -> tuple[Any, Any]:
-    """:func:`pair` from the halves ``(L, R)`` of ``T`` and ``(L0, R0)`` of ``T0``."""
+def join(term: tuple[Any, Any], initial: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    """:func:`pair` from the halves ``(L, R)`` of ``T`` and ``(L0, R0)`` of ``T0``
+    (``None`` without ``T0``): a layer keeps ``T0``'s halves, which never change."""
     if initial is None:
         return term
     (left, right), (left0, right0) = term, initial
     return torch.cat([left - left0, left0], 1), torch.cat([right, right - right0], 0)
 
 
-def is_zero(cores: list[Any], init: list[Any] | None) -> bool:
-    """True when ``Delta`` is exactly zero: cores equal to ``T0``, or (without it) a zero core."""
-    if init is None:
-        return any(not core.any() for core in cores)
-    return all(torch.equal(core, core0) for core, core0 in zip(cores, init, strict=True))
+def _is_zero(term: tuple[Any, Any], initial: tuple[Any, Any] | None) -> bool:
+    """True when ``Delta`` is exactly zero: halves equal to ``T0``'s (every term of
+    :func:`join`'s product then has a zero factor), or (without ``T0``) a zero half."""
+    if initial is None:
+        return any(not half.any() for half in term)
+    return all(torch.equal(half, half0) for half, half0 in zip(term, initial, strict=True))
 
 
 # The dtypes autocast casts (it leaves float64 alone).
@@ -143,7 +246,7 @@ _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 # every fresh buffer is new pages whose first touch costs as much as the rebuild (a 64 MB
 # copy: 7 ms into an existing buffer, 24 ms into a new one). On a GPU, large enough that
 # kernel launches do not count and a 7B model's layers are one block each (a layer of
-# several blocks reads is_zero's answer back from the device, a sync, on each forward),
+# several blocks reads _is_zero's answer back from the device, a sync, on each forward),
 # while the transients stay bounded whatever the layer.
 _CPU_BLOCK_BYTES = 1 << 22
 _GPU_BLOCK_BYTES = 1 << 28
@@ -292,11 +395,18 @@ def _blocked_forward(x: Any, weight: Any, bias: Any, a: Any, b: Any, layout: Lay
 
 class _DenseDelta(torch.autograd.Function):
     """``x (W0 + MPO(T) - MPO(T0))^T + b`` with ``W0 + Delta`` rebuilt block by block in
-    the forward and again in the backward, and saved never."""
+    the forward and again in the backward, and saved never.
+
+    It takes the halves ``L``, ``R`` of ``T`` (autograd carries their gradients on to
+    the cores) and ``L0``, ``R0`` of ``T0`` (or None): computed once per step, outside,
+    instead of again in the backward with a nested autograd call, which with the
+    contractions of ``T0`` made up most of a step's overhead on a GPU, where a
+    layer's products take tens of microseconds.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layout, n, *cores_and_init):  # type: ignore[override]
-        cores, init = list(cores_and_init[:n]), list(cores_and_init[n:]) or None
+    def forward(ctx, x, weight, bias, layout, left, right, left0, right0):  # type: ignore[override]
+        term, initial = (left, right), None if left0 is None else (left0, right0)
         device = x.device.type
         # Under autocast the products run in its dtype, as the base layer's would (autocast
         # leaves float64 alone); the update is rebuilt under our control (_compute_dtype).
@@ -306,60 +416,58 @@ class _DenseDelta(torch.autograd.Function):
             rows = x
         with torch.no_grad(), torch.autocast(device, enabled=False):
             bias = None if bias is None else bias.to(rows.dtype)
-            dtype = _compute_dtype(cores[0], rows.dtype)
+            dtype = _compute_dtype(left, rows.dtype)
+            product = join(term, initial)  # small: kept for the backward
             if len(_row_blocks(prod(x.shape[:-1]), dtype, layout, x.device)) == 1:
                 # W0 + Delta is W0 exactly when Delta is zero: the base layer's result
                 w0 = weight
                 if w0 is None:  # W0 = 0: a weight-sized zero, within the block budget
                     shape = (layout.out_features, layout.in_features)
-                    w0 = cores[0].new_zeros(shape[::-1] if layout.transposed else shape)
-                a, b = (t.to(dtype) for t in pair(cores, init, layout))
+                    w0 = left.new_zeros(shape[::-1] if layout.transposed else shape)
+                a, b = (t.to(dtype) for t in product)
                 merged = _merged(w0, a, b, layout)
                 y = _linear(rows, merged.to(rows.dtype), bias, layout.transposed)
-            elif weight is not None and is_zero(cores, init):
+            elif weight is not None and _is_zero(term, initial):
                 # a blocked product may round differently from the base layer's one
                 y = _linear(rows, weight.to(rows.dtype), bias, layout.transposed)
             else:
-                y = _blocked_forward(rows, weight, bias, *pair(cores, init, layout), layout)
-        ctx.layout, ctx.n = layout, n
+                y = _blocked_forward(rows, weight, bias, *product, layout)
+        ctx.layout = layout
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, *cores_and_init)
+        ctx.save_for_backward(x, weight, left, right, *product)
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, *cores_and_init = ctx.saved_tensors
-        layout, n = ctx.layout, ctx.n
-        cores, init = cores_and_init[:n], list(cores_and_init[n:]) or None
+        x, weight, left, right, a, b = ctx.saved_tensors
+        layout = ctx.layout
+        needs = ctx.needs_input_grad
         # autocast may be on around loss.backward(), which runs this on the same thread
-        off = torch.autocast(dy.device.type, enabled=False)
-        with torch.enable_grad(), off:
-            leaves = [core.detach().requires_grad_(True) for core in cores]
-            tied = halves(leaves, layout)
-        with torch.no_grad(), off:
-            left, right = tied[0].detach(), tied[1].detach()
-            a, b = _join((left, right), None if init is None else halves(init, layout))
-            with_cores = any(ctx.needs_input_grad[5 : 5 + n])
-            needs_x = ctx.needs_input_grad[0]
+        with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
             grad_x, grad_left, grad_right = _dense_backward(
-                dy, x, weight, (a, b), (left, right), layout, with_x=needs_x, with_cores=with_cores
+                dy,
+                x,
+                weight,
+                (a, b),
+                (left, right),
+                layout,
+                with_x=needs[0],
+                with_cores=needs[4] or needs[5],
             )
             grad_bias = None
-            if ctx.has_bias and ctx.needs_input_grad[2]:
+            if ctx.has_bias and needs[2]:
                 grad_bias = dy.reshape(-1, layout.out_features).sum(0)
-        core_grads = [None] * n
-        if with_cores:
-            # a one-core layout's right half is a constant
-            wanted = [
-                (t, g)
-                for t, g in zip(tied, (grad_left, grad_right), strict=True)
-                if t.requires_grad
-            ]
-            with off:
-                outputs, grads = zip(*wanted, strict=True)
-                core_grads = torch.autograd.grad(outputs, leaves, grads)
         grad_x = None if grad_x is None else grad_x.view(x.shape).to(x.dtype)
-        return (grad_x, None, grad_bias, None, None, *core_grads, *([None] * len(init or [])))
+        return (
+            grad_x,
+            None,
+            grad_bias,
+            None,
+            grad_left if needs[4] else None,
+            grad_right if needs[5] else None,
+            None,
+            None,
+        )
 
 
 def _dense_backward(
@@ -408,14 +516,25 @@ def _dense_backward(
 
 
 def dense_forward(
-    x: Any, weight: Any, bias: Any, cores: list[Any], init: list[Any] | None, layout: Layout
+    x: Any,
+    weight: Any,
+    bias: Any,
+    cores: list[Any],
+    initial: tuple[Any, Any] | None,
+    layout: Layout,
 ) -> Any:
     """``x (W0 + Delta)^T + b`` by the dense strategy (autograd: cores and ``x``).
 
     ``weight`` is ``W0`` in the layer's layout, or ``None`` for ``W0 = 0`` (QDoTA, whose
-    residual is applied apart).
+    residual is applied apart); ``initial`` is ``(L0, R0)``, the :func:`halves` of
+    ``T0``, or ``None`` without ``T0``.
     """
-    return _DenseDelta.apply(x, weight, bias, layout, len(cores), *cores, *(init or []))
+    if len(cores) == 1:
+        left, right = halves(cores, layout)
+    else:  # in the cores' dtype, also under autocast, forward and backward
+        left, right = _Halves.apply(layout.plans[0], *cores)
+    left0, right0 = initial if initial is not None else (None, None)
+    return _DenseDelta.apply(x, weight, bias, layout, left, right, left0, right0)
 
 
 def factored_delta(x: Any, a: Any, b: Any, layout: Layout) -> Any:

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import mpo
 from mpo.adapt.config import check_adapter_name
 from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, halves
 from mpo.adapt.layer import _Cores, checked_operator, new_cores
@@ -261,9 +262,9 @@ class _NF4(nn.Module):
 
 
 def _matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``MPO(cores)`` as the ``(out, in)`` matrix in float32 (also for a ``Conv1D`` layer)."""
-    layout = Layout(tuple(tuple(int(d) for d in c.shape) for c in cores), False)
-    return delta_weight([c.detach().to(torch.float32) for c in cores], None, layout)
+    """``MPO(cores)`` as the ``(out, in)`` matrix in float32 (also for a ``Conv1D`` layer),
+    by the core's own contraction, so that ``W_res`` is exactly ``W0 - MPO(T0).to_dense()``."""
+    return mpo.MPO([c.detach().to(torch.float32) for c in cores]).to_dense()
 
 
 def nf4_round_trip(matrix: torch.Tensor, *, double_quant: bool = False) -> torch.Tensor:
