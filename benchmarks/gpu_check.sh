@@ -4,10 +4,13 @@
 #   1. the machine: nvidia-smi, the versions of python, torch, transformers, peft,
 #      bitsandbytes and tensorly;
 #   2. wheels in .whl (bitsandbytes: the GPU machine has none) installed to /tmp/site;
-#   3. tests/test_cuda.py (every check on the GPU), then the device-independent adapt
-#      tests, which need neither bitsandbytes nor tensorly;
+#   3. tests/test_cuda.py (every check on the GPU);
 #   4. benchmarks/layer_vs_lora.py --device cuda (the full grid, 3 rounds a case);
-#   5. benchmarks/decompose_vs_tensorly.py --quick, a CPU benchmark, if tensorly imports.
+#   5. benchmarks/model_step.py (a 4-layer LLaMA's training step: DoTA, LoRA, frozen);
+#   6. the device-independent adapt tests (the machine's own torch and transformers);
+#   7. benchmarks/quant_error.py on the GPU (QLoRA/QPiSSA/QDoTA errors and memory on the
+#      demo's model), if bitsandbytes imports;
+#   8. benchmarks/decompose_vs_tensorly.py --quick, a CPU benchmark, if tensorly imports.
 #
 # Every step has its own time limit, cut to what is left of GPU_CHECK_BUDGET seconds
 # (default 540, inside the device tool's 10 minutes a command), and the steps after a
@@ -113,18 +116,32 @@ EOF
     echo
 
     step "tests/test_cuda.py" 180 \
-        "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-    step "device-independent adapt tests" 150 \
-        "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_adapt_layer.py \
-        tests/test_adapt_training.py
+        "$PYTHON" -m pytest -q -p no:cacheprovider --durations=5 tests/test_cuda.py
 
-    if "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    local device=cpu
+    "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && device=cuda
+    if [[ $device == cuda ]]; then
         # shellcheck disable=SC2086  # LAYER_ARGS holds several arguments
-        step "benchmarks/layer_vs_lora.py" 330 \
+        step "benchmarks/layer_vs_lora.py" 300 \
             "$PYTHON" benchmarks/layer_vs_lora.py --device cuda $LAYER_ARGS \
             --out "$OUT/layer_vs_lora.json"
     else
         echo "== benchmarks/layer_vs_lora.py: SKIPPED, torch sees no CUDA device"
+        echo
+    fi
+
+    step "benchmarks/model_step.py" 150 \
+        "$PYTHON" benchmarks/model_step.py --device "$device" --out "$OUT/model_step.json"
+
+    step "device-independent adapt tests" 150 \
+        "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_adapt_layer.py \
+        tests/test_adapt_training.py
+
+    if imports bitsandbytes; then
+        step "benchmarks/quant_error.py" 120 \
+            "$PYTHON" benchmarks/quant_error.py --device "$device" --out "$OUT/quant_error"
+    else
+        echo "== benchmarks/quant_error.py: SKIPPED, bitsandbytes does not import"
         echo
     fi
 
