@@ -107,7 +107,7 @@ def halves(cores: list[Any], layout: Layout) -> tuple[Any, Any]:
     split. Executing its opt_einsum plans per call instead cost about a third of a
     small layer's training step on a CPU, in Python bookkeeping alone. Plain torch
     operations: autograd, autocast and ``torch.func`` treat them as any others (the
-    dense strategy takes its own gradients, :class:`_Halves`).
+    dense strategy takes their gradients itself, :func:`_chain_gradients`).
     """
     if len(cores) == 1:
         return cores[0].reshape(-1, 1), cores[0].new_ones(1, 1)
@@ -161,51 +161,35 @@ def _unpermuted(grad: Any, view: tuple[int, ...], order: tuple[int, ...]) -> Any
     return grad.reshape(tuple(view[axis] for axis in order)).permute(inverse)
 
 
-class _Halves(torch.autograd.Function):
-    """:func:`halves` as one autograd node, forward and backward with autocast off: the
-    dense strategy's gradients of the cores are then float32 (in their dtype) even when
-    a loop calls ``backward()`` inside ``torch.autocast``, where autograd would run
-    the chains' recorded products in bfloat16.
+def _chain_gradients(chains: _Chains, grad_left: Any, grad_right: Any) -> list[Any]:
+    """The gradients of the cores from those of :meth:`_Chains.halves`' ``L`` and ``R``.
 
     The backward of ``P_m = P_{m-1} @ C_m`` (:class:`_Chains`) takes
-    ``dC_m = P_{m-1}^T dP_m`` and ``dP_{m-1} = dP_m C_m^T``, and mirrored on the right.
+    ``dC_m = P_{m-1}^T dP_m`` and ``dP_{m-1} = dP_m C_m^T``, and mirrored on the
+    right. Written out for the dense strategy's backward, which thus needs neither a
+    nested autograd call nor autocast's leave: its gradients stay in the cores' dtype.
     """
-
-    @staticmethod
-    def forward(ctx, split, *cores):  # type: ignore[override]
-        with torch.autocast(cores[0].device.type, enabled=False):
-            chains = _Chains(cores, split)
-        ctx.split = split
-        ctx.views = chains.left_view, chains.left_order, chains.right_view, chains.right_order
-        # the cores and the chains' intermediates, each at most a half's size
-        ctx.save_for_backward(*cores, *chains.lefts[:-1], *chains.rights[:-1])
-        return chains.halves(chains.lefts[-1], chains.rights[-1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_left, grad_right):  # type: ignore[override]
-        split, (left_view, left_order, right_view, right_order) = ctx.split, ctx.views
-        saved = ctx.saved_tensors
-        # saved: the n cores, then split - 1 left and n - split - 1 right intermediates
-        n = (len(saved) + 2) // 2
-        cores, lefts, rights = saved[:n], saved[n : n + split - 1], saved[n + split - 1 :]
-        grads = [None] * n
-        with torch.autocast(cores[0].device.type, enabled=False):
-            grad = _unpermuted(grad_left, left_view, left_order)
-            for m in range(split - 1, 0, -1):  # cores[m] took lefts[m - 1] to the next
-                rows, core = lefts[m - 1].reshape(-1, cores[m].shape[0]), cores[m]
-                grad = grad.reshape(rows.shape[0], -1)
-                grads[m] = (rows.T @ grad).reshape(core.shape)
-                grad = grad @ core.reshape(core.shape[0], -1).T
-            grads[0] = grad.reshape(cores[0].shape)
-            grad = _unpermuted(grad_right, right_view, right_order)
-            for m in range(split, n - 1):  # cores[m] took rights[n - m - 2] to the next
-                columns, core = rights[n - m - 2].reshape(cores[m].shape[-1], -1), cores[m]
-                grad = grad.reshape(-1, columns.shape[1])
-                grads[m] = (grad @ columns.T).reshape(core.shape)
-                grad = core.reshape(-1, core.shape[-1]).T @ grad
-            grads[n - 1] = grad.reshape(cores[n - 1].shape)
-        return None, *grads
+    left_cores, right_cores = chains.left_cores, chains.right_cores
+    grads = []
+    grad = _unpermuted(grad_left, chains.left_view, chains.left_order)
+    for m in range(len(left_cores) - 1, 0, -1):  # left_cores[m] took lefts[m - 1] on
+        core = left_cores[m]
+        rows = chains.lefts[m - 1].reshape(-1, core.shape[0])
+        grad = grad.reshape(rows.shape[0], -1)
+        grads.append((rows.T @ grad).reshape(core.shape))
+        grad = grad @ core.reshape(core.shape[0], -1).T
+    grads.append(grad.reshape(left_cores[0].shape))
+    grads.reverse()
+    grad = _unpermuted(grad_right, chains.right_view, chains.right_order)
+    count = len(right_cores)
+    for m in range(count - 1):  # right_cores[m] took rights[count - m - 2] on
+        core = right_cores[m]
+        columns = chains.rights[count - m - 2].reshape(core.shape[-1], -1)
+        grad = grad.reshape(-1, columns.shape[1])
+        grads.append((grad @ columns.T).reshape(core.shape))
+        grad = core.reshape(-1, core.shape[-1]).T @ grad
+    grads.append(grad.reshape(right_cores[-1].shape))
+    return grads
 
 
 def pair(cores: list[Any], init: list[Any] | None, layout: Layout) -> tuple[Any, Any]:
@@ -393,20 +377,26 @@ def _blocked_forward(x: Any, weight: Any, bias: Any, a: Any, b: Any, layout: Lay
     return y.view(*x.shape[:-1], layout.out_features)
 
 
+def _halves_of(cores: list[Any], layout: Layout) -> tuple[_Chains | None, tuple[Any, Any]]:
+    """The chains of :func:`halves` (None for one core) and the halves they give."""
+    if len(cores) == 1:
+        return None, halves(cores, layout)
+    chains = _Chains(cores, layout.plans[0])
+    return chains, chains.halves(chains.lefts[-1], chains.rights[-1])
+
+
 class _DenseDelta(torch.autograd.Function):
     """``x (W0 + MPO(T) - MPO(T0))^T + b`` with ``W0 + Delta`` rebuilt block by block in
     the forward and again in the backward, and saved never.
 
-    It takes the halves ``L``, ``R`` of ``T`` (autograd carries their gradients on to
-    the cores) and ``L0``, ``R0`` of ``T0`` (or None): computed once per step, outside,
-    instead of again in the backward with a nested autograd call, which with the
-    contractions of ``T0`` made up most of a step's overhead on a GPU, where a
-    layer's products take tens of microseconds.
+    It saves only ``x``, ``W0`` and the cores: the backward contracts the halves
+    again (a few small products; saving them would cost up to 5 MB a 7B layer) and
+    takes the cores' gradients from theirs itself (:func:`_chain_gradients`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layout, left, right, left0, right0):  # type: ignore[override]
-        term, initial = (left, right), None if left0 is None else (left0, right0)
+    def forward(ctx, x, weight, bias, layout, n, *cores_and_init):  # type: ignore[override]
+        cores, init = list(cores_and_init[:n]), list(cores_and_init[n:]) or None
         device = x.device.type
         # Under autocast the products run in its dtype, as the base layer's would (autocast
         # leaves float64 alone); the update is rebuilt under our control (_compute_dtype).
@@ -416,58 +406,53 @@ class _DenseDelta(torch.autograd.Function):
             rows = x
         with torch.no_grad(), torch.autocast(device, enabled=False):
             bias = None if bias is None else bias.to(rows.dtype)
-            dtype = _compute_dtype(left, rows.dtype)
-            product = join(term, initial)  # small: kept for the backward
+            dtype = _compute_dtype(cores[0], rows.dtype)
+            term = _halves_of(cores, layout)[1]
+            initial = None if init is None else halves(init, layout)
             if len(_row_blocks(prod(x.shape[:-1]), dtype, layout, x.device)) == 1:
                 # W0 + Delta is W0 exactly when Delta is zero: the base layer's result
                 w0 = weight
                 if w0 is None:  # W0 = 0: a weight-sized zero, within the block budget
                     shape = (layout.out_features, layout.in_features)
-                    w0 = left.new_zeros(shape[::-1] if layout.transposed else shape)
-                a, b = (t.to(dtype) for t in product)
+                    w0 = cores[0].new_zeros(shape[::-1] if layout.transposed else shape)
+                a, b = (t.to(dtype) for t in join(term, initial))
                 merged = _merged(w0, a, b, layout)
                 y = _linear(rows, merged.to(rows.dtype), bias, layout.transposed)
             elif weight is not None and _is_zero(term, initial):
                 # a blocked product may round differently from the base layer's one
                 y = _linear(rows, weight.to(rows.dtype), bias, layout.transposed)
             else:
-                y = _blocked_forward(rows, weight, bias, *product, layout)
-        ctx.layout = layout
+                y = _blocked_forward(rows, weight, bias, *join(term, initial), layout)
+        ctx.layout, ctx.n = layout, n
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, left, right, *product)
+        ctx.save_for_backward(x, weight, *cores_and_init)
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, left, right, a, b = ctx.saved_tensors
-        layout = ctx.layout
+        x, weight, *cores_and_init = ctx.saved_tensors
+        layout, n = ctx.layout, ctx.n
+        cores, init = cores_and_init[:n], list(cores_and_init[n:]) or None
         needs = ctx.needs_input_grad
+        with_cores = any(needs[5 : 5 + n])
         # autocast may be on around loss.backward(), which runs this on the same thread
         with torch.no_grad(), torch.autocast(dy.device.type, enabled=False):
+            chains, term = _halves_of(cores, layout)
+            product = join(term, None if init is None else halves(init, layout))
             grad_x, grad_left, grad_right = _dense_backward(
-                dy,
-                x,
-                weight,
-                (a, b),
-                (left, right),
-                layout,
-                with_x=needs[0],
-                with_cores=needs[4] or needs[5],
+                dy, x, weight, product, term, layout, with_x=needs[0], with_cores=with_cores
             )
             grad_bias = None
             if ctx.has_bias and needs[2]:
                 grad_bias = dy.reshape(-1, layout.out_features).sum(0)
+            core_grads = [None] * n
+            if with_cores:
+                if chains is None:  # one core: L is the core, R a constant
+                    core_grads = [grad_left.reshape(cores[0].shape)]
+                else:
+                    core_grads = _chain_gradients(chains, grad_left, grad_right)
         grad_x = None if grad_x is None else grad_x.view(x.shape).to(x.dtype)
-        return (
-            grad_x,
-            None,
-            grad_bias,
-            None,
-            grad_left if needs[4] else None,
-            grad_right if needs[5] else None,
-            None,
-            None,
-        )
+        return (grad_x, None, grad_bias, None, None, *core_grads, *([None] * len(init or [])))
 
 
 def _dense_backward(
@@ -516,25 +501,14 @@ def _dense_backward(
 
 
 def dense_forward(
-    x: Any,
-    weight: Any,
-    bias: Any,
-    cores: list[Any],
-    initial: tuple[Any, Any] | None,
-    layout: Layout,
+    x: Any, weight: Any, bias: Any, cores: list[Any], init: list[Any] | None, layout: Layout
 ) -> Any:
     """``x (W0 + Delta)^T + b`` by the dense strategy (autograd: cores and ``x``).
 
     ``weight`` is ``W0`` in the layer's layout, or ``None`` for ``W0 = 0`` (QDoTA, whose
-    residual is applied apart); ``initial`` is ``(L0, R0)``, the :func:`halves` of
-    ``T0``, or ``None`` without ``T0``.
+    residual is applied apart).
     """
-    if len(cores) == 1:
-        left, right = halves(cores, layout)
-    else:  # in the cores' dtype, also under autocast, forward and backward
-        left, right = _Halves.apply(layout.plans[0], *cores)
-    left0, right0 = initial if initial is not None else (None, None)
-    return _DenseDelta.apply(x, weight, bias, layout, left, right, left0, right0)
+    return _DenseDelta.apply(x, weight, bias, layout, len(cores), *cores, *(init or []))
 
 
 def factored_delta(x: Any, a: Any, b: Any, layout: Layout) -> Any:

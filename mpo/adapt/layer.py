@@ -30,15 +30,7 @@ from torch import nn
 
 import mpo
 from mpo.adapt.config import check_adapter_name
-from mpo.adapt.delta import (
-    Layout,
-    choose,
-    delta_weight,
-    dense_forward,
-    factored_delta,
-    halves,
-    join,
-)
+from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, pair
 from mpo.adapt.sharding import gathered, sharded_like
 from mpo.adapt.targets import weight_shape
 from mpo.errors import MPOError
@@ -196,7 +188,6 @@ class DoTALinear(nn.Module):
         self.disable_adapters = False
         self.strategy = "auto"
         self._pair_cache = None
-        self._initial_cache = None
         _count_optimizer_steps()
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
@@ -332,7 +323,7 @@ class DoTALinear(nn.Module):
             del self.dota_init[adapter_name]
         del self.adapter_settings[adapter_name]
         del self._layouts[adapter_name]
-        self.clear_cache()
+        self._pair_cache = None
 
     def enable_adapters(self, enabled: bool) -> None:
         """Turn the active adapter on or off; off gives the base layer's output bit for bit.
@@ -451,7 +442,6 @@ class DoTALinear(nn.Module):
         if self.disable_adapters or self.merged or name not in self.dota_cores:
             return self.base_layer(x, *args, **kwargs)
         cores, init, layout = self.cores(name), self.initial_cores(name), self._layouts[name]
-        initial = self._initial_halves(init, layout)
         strategy = self.strategy
         if strategy == "auto":
             rows = math.prod(x.shape[:-1])
@@ -459,37 +449,14 @@ class DoTALinear(nn.Module):
             strategy = choose(rows, layout, training=training, with_init=init is not None)
         if strategy == "dense":
             return dense_forward(
-                x, self.base_layer.weight, self.base_layer.bias, cores, initial, layout
+                x, self.base_layer.weight, self.base_layer.bias, cores, init, layout
             )
         y = self.base_layer(x, *args, **kwargs)
-        update = factored_delta(x, *self._pair(cores, init, initial, layout), layout)
-        return y + update.to(y.dtype)
+        return y + factored_delta(x, *self._pair(cores, init, layout), layout).to(y.dtype)
 
-    def _initial_halves(self, init: list | None, layout: Layout) -> tuple | None:
-        """``(L0, R0)``, the halves of ``T0`` (:func:`mpo.adapt.delta.halves`), or None
-        without ``T0``; kept between calls, keyed like :meth:`_pair`'s cache but for
-        ``T0`` alone, which no optimizer touches. Each step would otherwise contract
-        ``T0`` again: on a GPU, a third of a small layer's overhead."""
-        if init is None:
-            return None
-
-        def compute() -> tuple:
-            with torch.no_grad(), torch.autocast(init[0].device.type, enabled=False):
-                return halves(init, layout)
-
-        if torch.compiler.is_compiling():
-            return compute()
-        versions = ((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in init)
-        key = (self.active_adapter, *versions)
-        cached = self._initial_cache
-        if cached is None or cached[0] != key:
-            cached = (key, compute())
-            self._initial_cache = cached
-        return cached[1]
-
-    def _pair(self, cores: list, init: list | None, initial: tuple | None, layout: Layout) -> tuple:
-        """``(A, B)`` with ``Delta = A @ B`` (:func:`mpo.adapt.delta.pair`) from the cores
-        and ``initial``, the halves of ``init``; cached between calls without autograd.
+    def _pair(self, cores: list, init: list | None, layout: Layout) -> tuple:
+        """``(A, B)`` with ``Delta = A @ B`` (:func:`mpo.adapt.delta.pair`); cached between
+        calls without autograd.
 
         Generation calls the layer once per token with unchanged cores. The cache
         is keyed by the identities, storages, dtypes and version counters of ``T``
@@ -505,7 +472,7 @@ class DoTALinear(nn.Module):
         def compute() -> tuple:
             # in the cores' dtype: autocast would round the halves to bfloat16
             with torch.autocast(cores[0].device.type, enabled=False):
-                return join(halves(cores, layout), initial)
+                return pair(cores, init, layout)
 
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._pair_cache = None
@@ -520,9 +487,8 @@ class DoTALinear(nn.Module):
         return cached[1]
 
     def clear_cache(self) -> None:
-        """Forget the factors kept between calls (see :meth:`_pair`)."""
+        """Forget the factors kept between calls without autograd (see :meth:`_pair`)."""
         self._pair_cache = None
-        self._initial_cache = None
 
     def extra_repr(self) -> str:
         settings = self.adapter_settings.get(self.active_adapter)
