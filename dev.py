@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
-# torch is pinned for the project's own environment only (the package accepts >= 2.1):
+# torch is pinned for the project's own environment only (the package accepts >= 2.4):
 # it is the release the test suite was last run against.
 CONSTRAINTS = ROOT / "constraints.txt"
 
