@@ -293,6 +293,28 @@ def test_the_halves_and_their_gradients_agree_with_the_matrix_and_autograd(shape
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
+def test_float64_cores_get_float64_accurate_gradients_from_the_dense_strategy():
+    base = linear().double()
+    layer = DoTALinear(base, rank=4, shape=SHAPE, dtype=torch.float64)
+    perturb(layer, scale=0.01)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    _, dense = _step(layer, x, "dense")
+    _, factored = _step(layer, x, "factored")  # plain autograd, float64 throughout
+    for got, expected in zip(dense, factored, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
+
+
+def test_delta_weight_and_merge_ignore_autocast():
+    layer = DoTALinear(linear(), rank=4, shape=SHAPE)
+    perturb(layer)
+    expected = layer.get_delta_weight()
+    merged = (layer.base_layer.weight + expected).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer.get_delta_weight(), expected)
+        layer.merge()
+    assert torch.equal(layer.base_layer.weight, merged)
+
+
 def _step(layer, x, strategy):
     """Output and gradients (input, then cores) of ``sum(y * w)`` for a fixed ``w``."""
     layer.strategy = strategy

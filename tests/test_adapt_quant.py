@@ -188,6 +188,13 @@ def test_initial_weight_is_closer_to_w0_than_qlora():
     assert qdota < 0.95 * qlora  # measured: 0.081 against 0.092
 
 
+def test_effective_weight_ignores_autocast():
+    layer = QDoTALinear(linear(trained_like()), rank=16, shape=SHAPE)
+    expected = layer.effective_weight()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer.effective_weight(), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_forward_applies_the_effective_weight(dtype, double_quant):

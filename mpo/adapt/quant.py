@@ -263,8 +263,10 @@ class _NF4(nn.Module):
 
 def _matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """``MPO(cores)`` as the ``(out, in)`` matrix in float32 (also for a ``Conv1D`` layer),
-    by the core's own contraction, so that ``W_res`` is exactly ``W0 - MPO(T0).to_dense()``."""
-    return mpo.MPO([c.detach().to(torch.float32) for c in cores]).to_dense()
+    by the core's own contraction, so that ``W_res`` is exactly ``W0 - MPO(T0).to_dense()``
+    (with autocast off, which would round its products)."""
+    with torch.autocast(cores[0].device.type, enabled=False):
+        return mpo.MPO([c.detach().to(torch.float32) for c in cores]).to_dense()
 
 
 def nf4_round_trip(matrix: torch.Tensor, *, double_quant: bool = False) -> torch.Tensor:
