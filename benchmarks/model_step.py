@@ -30,6 +30,7 @@ and to LoRA r=32's (lower is better), and the spread of the rounds.
 
     python benchmarks/model_step.py                         # the device's default size
     python benchmarks/model_step.py --size small --rounds 3 --out step.json
+    python benchmarks/model_step.py --batch 8 2048               # 16,384 tokens a step
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,12 +169,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
     )
     parser.add_argument("--size", choices=sorted(SIZES), help="model size (default: by device)")
+    parser.add_argument(
+        "--batch",
+        nargs=2,
+        type=int,
+        metavar=("ROWS", "TOKENS"),
+        help="batch shape instead of the size's (more tokens a step hide more host time)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="rounds of turns (median)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per turn")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be at least 1")
+    if args.batch is not None and min(args.batch) < 1:
+        parser.error("--batch needs two positive numbers: rows and tokens")
     args.size = args.size or ("7b-layers" if args.device.startswith("cuda") else "small")
     return args
 
@@ -181,6 +191,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device, size = torch.device(args.device), SIZES[args.size]
+    if args.batch is not None:
+        size = replace(size, batch=tuple(args.batch))
     info = machine_info(device, libraries=(peft, transformers))
     print("# Training step of a LLaMA: DoTA vs PEFT LoRA vs the frozen model\n")
     print(f"- {info['date']}, {info['device']} ({info['device_name']}), {info['platform']}")
