@@ -6,7 +6,8 @@
 #   2. wheels in .whl (bitsandbytes: the GPU machine has none) installed to /tmp/site;
 #   3. tests/test_cuda.py (every check on the GPU);
 #   4. benchmarks/layer_vs_lora.py --device cuda (the full grid, 3 rounds a case);
-#   5. benchmarks/model_step.py (a 4-layer LLaMA's training step: DoTA, LoRA, frozen);
+#   5. benchmarks/model_step.py (a 4-layer LLaMA's training step: DoTA, LoRA, frozen),
+#      on CUDA also with 8 x 2048 tokens a step;
 #   6. the device-independent adapt tests (the machine's own torch and transformers);
 #   7. benchmarks/quant_error.py on the GPU (QLoRA/QPiSSA/QDoTA errors and memory on the
 #      demo's model), if bitsandbytes imports;
@@ -132,6 +133,11 @@ EOF
 
     step "benchmarks/model_step.py" 150 \
         "$PYTHON" benchmarks/model_step.py --device "$device" --out "$OUT/model_step.json"
+    if [[ $device == cuda ]]; then  # how much of the host's time a larger batch hides
+        step "benchmarks/model_step.py --batch 8 2048" 150 \
+            "$PYTHON" benchmarks/model_step.py --device cuda --batch 8 2048 \
+            --out "$OUT/model_step_8x2048.json"
+    fi
 
     step "device-independent adapt tests" 150 \
         "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_adapt_layer.py \
