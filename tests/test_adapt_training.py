@@ -625,3 +625,21 @@ def test_torch_compile_traces_the_adapted_model(strategy):
     loss.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert_same_tensors(core_gradients(model), expected_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "factored", "auto"])
+def test_a_layer_compiles_into_one_graph(strategy):
+    # fullgraph: no graph break, so a compiled model keeps the layer inside its graphs
+    torch.manual_seed(0)
+    layer = DoTALinear(nn.Linear(64, 48), rank=4, shape=((4, 3, 4), (4, 4, 4)))
+    layer.strategy = strategy
+    with torch.no_grad():
+        for core in layer.cores():
+            core.add_(0.05 * torch.randn_like(core))
+    x = torch.randn(5, 64, requires_grad=True)
+    results = []
+    for module in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+        y = module(x)
+        results.append((y, *torch.autograd.grad(y.square().sum(), [x, *layer.cores()])))
+    for got, expected in zip(*reversed(results), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

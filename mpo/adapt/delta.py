@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from math import prod
 from typing import Any
 
@@ -65,36 +64,40 @@ class Layout:
     #: :func:`mpo.contract.half_plans` of ``shapes`` (None for one core), planned once,
     #: here: torch.compile then reads a constant instead of tracing the planning
     plans: tuple | None = field(init=False, repr=False, compare=False)
+    #: the ``(out, in)`` matrix's sizes
+    out_features: int = field(init=False, repr=False, compare=False)
+    in_features: int = field(init=False, repr=False, compare=False)
+    #: the bond rank ``r`` at which the halves meet
+    rank: int = field(init=False, repr=False, compare=False)
+    #: ``(I_L, J_L, I_R, J_R)``: the row and column sizes of the two halves
+    blocks: tuple[int, int, int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # all computed here, once: properties computed per call cost host time on every
+        # forward, and torch.compile(fullgraph=True) cannot trace functools.cached_property
+        # (it takes a lock on Python < 3.12)
+        rows = tuple(shape[1] for shape in self.shapes)
+        cols = tuple(shape[2] for shape in self.shapes)
         plans = half_plans(self.shapes) if len(self.shapes) > 1 else None
-        object.__setattr__(self, "plans", plans)
-
-    @property
-    def out_features(self) -> int:
-        return prod(shape[1] for shape in self.shapes)
-
-    @property
-    def in_features(self) -> int:
-        return prod(shape[2] for shape in self.shapes)
-
-    @cached_property
-    def rank(self) -> int:
-        """The bond rank ``r`` at which the halves meet."""
-        return 1 if self.plans is None else self.shapes[self.plans[0]][0]
-
-    @cached_property
-    def blocks(self) -> tuple[int, int, int, int]:
-        """``(I_L, J_L, I_R, J_R)``: the row and column sizes of the two halves."""
-        if self.plans is None:
-            return self.out_features, self.in_features, 1, 1
-        split = self.plans[0]
-        return (
-            prod(shape[1] for shape in self.shapes[:split]),
-            prod(shape[2] for shape in self.shapes[:split]),
-            prod(shape[1] for shape in self.shapes[split:]),
-            prod(shape[2] for shape in self.shapes[split:]),
-        )
+        split = len(self.shapes) if plans is None else plans[0]
+        values = {
+            "plans": plans,
+            "out_features": prod(rows),
+            "in_features": prod(cols),
+            "rank": 1 if plans is None else self.shapes[split][0],
+            "blocks": (
+                (prod(rows), prod(cols), 1, 1)
+                if plans is None
+                else (
+                    prod(rows[:split]),
+                    prod(cols[:split]),
+                    prod(rows[split:]),
+                    prod(cols[split:]),
+                )
+            ),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
 
 def halves(cores: list[Any], layout: Layout) -> tuple[Any, Any]:
