@@ -11,12 +11,14 @@
 #   6. the device-independent adapt tests (the machine's own torch and transformers);
 #   7. benchmarks/quant_error.py on the GPU (QLoRA/QPiSSA/QDoTA errors and memory on the
 #      demo's model), if bitsandbytes imports;
-#   8. benchmarks/decompose_vs_tensorly.py --quick, a CPU benchmark, if tensorly imports.
+#   8. benchmarks/model_step.py --compile on CUDA (every model torch.compile'd);
+#   9. benchmarks/decompose_vs_tensorly.py --quick, a CPU benchmark, if tensorly imports.
 #
 # Every step has its own time limit, cut to what is left of GPU_CHECK_BUDGET seconds
 # (default 540, inside the device tool's 10 minutes a command), and the steps after a
 # failed one still run. Everything printed goes to $OUT/gpu_check.log, the benchmarks'
-# results to $OUT/*.json; $OUT is the device tool's output folder, gpu_out/ in the
+# results to $OUT/*.json (8 files in all, the device tool's limit; the tensorly benchmark's
+# tables are in the log only); $OUT is the device tool's output folder, gpu_out/ in the
 # repository elsewhere. Without CUDA layer_vs_lora.py is skipped and test_cuda.py skips
 # itself, so the script can be tried on any machine; MPO_TEST_DEVICE=cpu then runs
 # test_cuda.py's checks on the cpu.
@@ -151,11 +153,16 @@ EOF
         echo
     fi
 
+    if [[ $device == cuda ]]; then  # inductor: does compiling hide the host's time?
+        step "benchmarks/model_step.py --compile" 200 \
+            "$PYTHON" benchmarks/model_step.py --device cuda --compile \
+            --out "$OUT/model_step_compiled.json"
+    fi
+
     if imports tensorly; then
         # shellcheck disable=SC2086  # DECOMPOSE_ARGS holds several arguments
         step "benchmarks/decompose_vs_tensorly.py" 240 \
-            "$PYTHON" benchmarks/decompose_vs_tensorly.py $DECOMPOSE_ARGS \
-            --out "$OUT/decompose_vs_tensorly.json"
+            "$PYTHON" benchmarks/decompose_vs_tensorly.py $DECOMPOSE_ARGS
     else
         echo "== benchmarks/decompose_vs_tensorly.py: SKIPPED, tensorly does not import" \
             "(carry its wheel in .whl to run it)"

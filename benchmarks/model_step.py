@@ -23,7 +23,9 @@ Sizes (``--size``):
 * ``small`` (the default elsewhere): hidden 1024, intermediate 2752, 16 heads, 4
   layers, vocabulary 1000, float32, 4 x 256 tokens.
 
-Each contender is warmed up with 2 steps; then in each of ``--rounds`` rounds (default
+With ``--compile`` each model is ``torch.compile``'d (inductor, graph breaks allowed:
+transformers' model has some; a DoTA layer compiles into one graph) before its warm-up.
+Each contender is warmed up with 2 steps (3 compiled); then in each of ``--rounds`` rounds (default
 5) the contenders take turns, each timing ``--steps`` steps (default 5) between device
 synchronisations. Reported: the median time a step, its ratio to the frozen model's
 and to LoRA r=32's (lower is better), and the spread of the rounds.
@@ -31,6 +33,7 @@ and to LoRA r=32's (lower is better), and the spread of the rounds.
     python benchmarks/model_step.py                         # the device's default size
     python benchmarks/model_step.py --size small --rounds 3 --out step.json
     python benchmarks/model_step.py --batch 8 2048               # 16,384 tokens a step
+    python benchmarks/model_step.py --compile                    # torch.compile'd models
 """
 
 from __future__ import annotations
@@ -121,14 +124,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(size: Size, device: torch.device, rounds: int, steps: int) -> dict[str, Any]:
+def measure(
+    size: Size, device: torch.device, rounds: int, steps: int, compiled: bool = False
+) -> dict[str, Any]:
     """Seconds a step for every contender, per round; and their trainable parameters."""
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(0, size.vocabulary, size.batch, generator=generator).to(device)
     models = {name: build(name, size, device) for name in CONTENDERS}
-    steps_of = {name: stepper(model, batch) for name, model in models.items()}
+    steps_of = {
+        name: stepper(torch.compile(model) if compiled else model, batch)
+        for name, model in models.items()
+    }
     for step in steps_of.values():
-        for _ in range(2):  # plans, lazy initialisations, the allocator's first blocks
+        # compiling (a recompile may follow the first call), plans, lazy initialisations,
+        # the allocator's first blocks
+        for _ in range(3 if compiled else 2):
             step()
     times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
     for _ in range(rounds):
@@ -176,6 +186,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar=("ROWS", "TOKENS"),
         help="batch shape instead of the size's (more tokens a step hide more host time)",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every model (inductor) first"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="rounds of turns (median)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per turn")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
@@ -198,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- {info['date']}, {info['device']} ({info['device_name']}), {info['platform']}")
     print(f"- torch {info['torch']}, peft {info['peft']}, transformers {info['transformers']}")
     print(
-        f"- size {args.size}: {size}; {args.rounds} rounds of {args.steps} steps a contender\n",
+        f"- size {args.size}: {size}; {args.rounds} rounds of {args.steps} steps a contender"
+        + ("; every model torch.compile'd" if args.compile else "")
+        + "\n",
         flush=True,
     )
-    result = measure(size, device, args.rounds, args.steps)
+    result = measure(size, device, args.rounds, args.steps, args.compile)
     print(report(result))
     print(f"\nload average at end: {load_average()}")
     if args.out is not None:
