@@ -643,3 +643,13 @@ def test_a_layer_compiles_into_one_graph(strategy):
         results.append((y, *torch.autograd.grad(y.square().sum(), [x, *layer.cores()])))
     for got, expected in zip(*reversed(results), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_wrapping_adds_no_graph_break_to_a_compiled_model():
+    ids = token_batch()
+    breaks = []
+    for model in (base_model("llama"), adapted_model()):
+        explanation = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+        breaks.append(explanation.graph_break_count)
+        torch._dynamo.reset()
+    assert breaks[1] == breaks[0]
