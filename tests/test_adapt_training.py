@@ -633,9 +633,7 @@ def test_a_layer_compiles_into_one_graph(strategy):
     torch.manual_seed(0)
     layer = DoTALinear(nn.Linear(64, 48), rank=4, shape=((4, 3, 4), (4, 4, 4)))
     layer.strategy = strategy
-    with torch.no_grad():
-        for core in layer.cores():
-            core.add_(0.05 * torch.randn_like(core))
+    perturb_cores(layer, scale=0.05)
     x = torch.randn(5, 64, requires_grad=True)
     results = []
     for module in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):

@@ -61,9 +61,9 @@ class Layout:
 
     shapes: tuple[tuple[int, int, int, int], ...]
     transposed: bool
-    #: :func:`mpo.contract.half_plans` of ``shapes`` (None for one core), planned once,
-    #: here: torch.compile then reads a constant instead of tracing the planning
-    plans: tuple | None = field(init=False, repr=False, compare=False)
+    #: the bond at which the halves meet, chosen by :func:`mpo.contract.half_plans` once,
+    #: here (torch.compile then reads a constant); None for one core
+    split: int | None = field(init=False, repr=False, compare=False)
     #: the ``(out, in)`` matrix's sizes
     out_features: int = field(init=False, repr=False, compare=False)
     in_features: int = field(init=False, repr=False, compare=False)
@@ -78,16 +78,15 @@ class Layout:
         # (it takes a lock on Python < 3.12)
         rows = tuple(shape[1] for shape in self.shapes)
         cols = tuple(shape[2] for shape in self.shapes)
-        plans = half_plans(self.shapes) if len(self.shapes) > 1 else None
-        split = len(self.shapes) if plans is None else plans[0]
+        split = half_plans(self.shapes)[0] if len(self.shapes) > 1 else None
         values = {
-            "plans": plans,
+            "split": split,
             "out_features": prod(rows),
             "in_features": prod(cols),
-            "rank": 1 if plans is None else self.shapes[split][0],
+            "rank": 1 if split is None else self.shapes[split][0],
             "blocks": (
                 (prod(rows), prod(cols), 1, 1)
-                if plans is None
+                if split is None
                 else (
                     prod(rows[:split]),
                     prod(cols[:split]),
@@ -111,10 +110,16 @@ def halves(cores: list[Any], layout: Layout) -> tuple[Any, Any]:
     operations: autograd, autocast and ``torch.func`` treat them as any others (the
     dense strategy takes their gradients itself, :func:`_chain_gradients`).
     """
-    if len(cores) == 1:
-        return cores[0].reshape(-1, 1), cores[0].new_ones(1, 1)
-    chains = _Chains(cores, layout.plans[0])
-    return chains.halves(chains.lefts[-1], chains.rights[-1])
+    return _halves_of(cores, layout)[1]
+
+
+def _halves_of(cores: list[Any], layout: Layout) -> tuple[_Chains | None, tuple[Any, Any]]:
+    """The chains of :func:`halves` (None for one core: ``L`` is the core, ``R`` one)
+    and the halves they give."""
+    if layout.split is None:
+        return None, (cores[0].reshape(-1, 1), cores[0].new_ones(1, 1))
+    chains = _Chains(cores, layout.split)
+    return chains, chains.halves()
 
 
 class _Chains:
@@ -145,12 +150,12 @@ class _Chains:
         self.right_view = (rank, *_factor_dims(self.right_cores))
         self.right_order = (0, *range(1, 2 * m + 1, 2), *range(2, 2 * m + 1, 2))
 
-    def halves(self, left: Any, right: Any) -> tuple[Any, Any]:
+    def halves(self) -> tuple[Any, Any]:
         """The last products of the chains as ``L`` and ``R``."""
         rank = self.left_view[-1]
-        left = left.reshape(self.left_view).permute(self.left_order).reshape(-1, rank)
-        right = right.reshape(self.right_view).permute(self.right_order).reshape(rank, -1)
-        return left, right
+        left = self.lefts[-1].reshape(self.left_view).permute(self.left_order)
+        right = self.rights[-1].reshape(self.right_view).permute(self.right_order)
+        return left.reshape(-1, rank), right.reshape(rank, -1)
 
 
 def _factor_dims(cores: Sequence[Any]) -> list[int]:
@@ -380,14 +385,6 @@ def _blocked_forward(x: Any, weight: Any, bias: Any, a: Any, b: Any, layout: Lay
         else:
             torch.addmm(bias[columns], rows, block.T, out=y[:, columns])
     return y.view(*x.shape[:-1], layout.out_features)
-
-
-def _halves_of(cores: list[Any], layout: Layout) -> tuple[_Chains | None, tuple[Any, Any]]:
-    """The chains of :func:`halves` (None for one core) and the halves they give."""
-    if len(cores) == 1:
-        return None, halves(cores, layout)
-    chains = _Chains(cores, layout.plans[0])
-    return chains, chains.halves(chains.lefts[-1], chains.rights[-1])
 
 
 class _DenseDelta(torch.autograd.Function):
