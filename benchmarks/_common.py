@@ -33,6 +33,7 @@ __all__ = [
     "load_average",
     "machine_info",
     "run_memory_worker",
+    "synchronize",
     "table",
     "training_step_peak",
     "verdict",
@@ -140,6 +141,12 @@ def machine_info(
     return info
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously; a CPU needs no wait)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # --- text tables ----------------------------------------------------------------------------
 
 
@@ -191,7 +198,7 @@ class PeakMeter:
     def start(self) -> None:
         _release_free_memory()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             self.method = "torch.cuda.max_memory_allocated - memory_allocated before"
@@ -207,7 +214,7 @@ class PeakMeter:
     def peak(self) -> tuple[int, int]:
         """``(peak above the start level, absolute peak)`` in bytes."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             absolute = torch.cuda.max_memory_allocated(self.device)
         elif self.method.startswith("VmHWM"):
             absolute = _proc_status_kib("VmHWM") * 1024

@@ -80,6 +80,7 @@ from _common import (
     load_average,
     machine_info,
     run_memory_worker,
+    synchronize,
     table,
     training_step_peak,
     verdict,
@@ -175,11 +176,6 @@ def make_contenders(
 # --- timing ---------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_step(contender: Contender, x: torch.Tensor) -> None:
     loss = contender(x).square().mean()
     torch.autograd.grad(loss, [x, *contender.params])
@@ -191,11 +187,11 @@ def forward_only(contender: Contender, x: torch.Tensor) -> None:
 
 
 def _timed(call: Callable[[], None], calls: int, device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         call()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - start) / calls
 
 

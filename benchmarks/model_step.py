@@ -49,7 +49,7 @@ from typing import Any
 import peft
 import torch
 import transformers
-from _common import load_average, machine_info, table
+from _common import load_average, machine_info, synchronize, table
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -119,11 +119,6 @@ def stepper(model: torch.nn.Module, batch: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(
     size: Size, device: torch.device, rounds: int, steps: int, compiled: bool = False
 ) -> dict[str, Any]:
@@ -143,11 +138,11 @@ def measure(
     times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
     for _ in range(rounds):
         for name, step in steps_of.items():
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(steps):
                 step()
-            _sync(device)
+            synchronize(device)
             times[name].append((time.perf_counter() - start) / steps)
     trainable = {
         name: sum(p.numel() for p in model.parameters() if p.requires_grad)
