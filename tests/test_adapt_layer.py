@@ -2,6 +2,7 @@
 
 import math
 import sys
+import threading
 
 import pytest
 from conftest import factor_shapes
@@ -336,13 +337,17 @@ def _conv1d(out_features, in_features, dtype=torch.float32):
 
 class TestBlocks:
     """The dense strategy rebuilds ``W0 + Delta`` in blocks of rows (forward) and of
-    columns (backward) when the weight exceeds one block: forced here with tiny blocks,
-    checked against the factored strategy, which shares none of that code."""
+    columns (backward) when the weight exceeds one block, or (on a CPU, above
+    ``_WORKSPACE_MIN_BYTES``) whole into the thread's workspace, then forms ``G`` there:
+    each forced here for small layers, with tiny blocks, and checked against the
+    factored strategy, which shares none of that code."""
 
-    @pytest.fixture(autouse=True)
-    def tiny_blocks(self, monkeypatch):
+    @pytest.fixture(autouse=True, params=["blocks", "workspace"])
+    def tiny_blocks(self, request, monkeypatch):
         monkeypatch.setattr(mpo.adapt.delta, "_CPU_BLOCK_BYTES", 1)
         monkeypatch.setattr(mpo.adapt.delta, "_MIN_LINES", 1)
+        if request.param == "workspace":
+            monkeypatch.setattr(mpo.adapt.delta, "_WORKSPACE_MIN_BYTES", 0)
 
     @pytest.mark.parametrize("kind", ["linear", "no-bias", "conv1d"])
     @pytest.mark.parametrize("init", ["dota", "random"])
@@ -435,6 +440,42 @@ class TestBlocks:
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
         for grad, reference in zip(grads, grads_ref, strict=True):
             torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-4)
+
+
+class TestWorkspace:
+    """Every layer on a thread shares one workspace per dtype, grown to the largest."""
+
+    @pytest.fixture(autouse=True)
+    def any_size(self, monkeypatch):
+        monkeypatch.setattr(mpo.adapt.delta, "_WORKSPACE_MIN_BYTES", 0)
+        monkeypatch.setattr(mpo.adapt.delta, "_workspaces", threading.local())
+
+    def test_one_buffer_per_dtype_for_all_layers(self):
+        torch.manual_seed(0)
+        shapes = [((4, 3, 4), (4, 4, 4)), ((4, 4, 4), (4, 4, 4)), ((2, 3, 4), (4, 4, 4))]
+        layers = [
+            DoTALinear(torch.nn.Linear(64, math.prod(rows)), rank=4, shape=(rows, cols))
+            for rows, cols in shapes
+        ]
+        layers.append(DoTALinear(torch.nn.Linear(64, 48).double(), rank=4, shape=shapes[0]))
+        for layer in layers:
+            layer.strategy = "dense"
+            perturb(layer)
+            x = torch.randn(3, 64, dtype=layer.weight.dtype)
+            _step(layer, x, "dense")
+        buffers = mpo.adapt.delta._workspaces.__dict__
+        assert sorted(buffers, key=str) == [torch.float32, torch.float64]
+        assert buffers[torch.float32].numel() == 64 * 64  # the largest float32 layer
+        assert buffers[torch.float64].numel() == 48 * 64
+
+    def test_none_below_the_threshold_or_off_the_cpu(self, monkeypatch):
+        layout = DoTALinear(linear(), rank=4, shape=SHAPE).layout()
+        cpu, meta = torch.device("cpu"), torch.device("meta")
+        assert mpo.adapt.delta._workspace(layout, torch.float32, cpu).numel() == 48 * 64
+        assert mpo.adapt.delta._workspace(layout, torch.float32, meta) is None
+        monkeypatch.setattr(mpo.adapt.delta, "_WORKSPACE_MIN_BYTES", 48 * 64 * 4)
+        assert mpo.adapt.delta._workspace(layout, torch.float32, cpu) is None
+        assert mpo.adapt.delta._workspace(layout, torch.float64, cpu) is not None
 
 
 class TestWrap:

@@ -35,6 +35,7 @@ from transformers import (  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import mpo.adapt  # noqa: E402
+import mpo.adapt.delta  # noqa: E402
 from mpo import MPOError  # noqa: E402
 from mpo.adapt import (  # noqa: E402
     PAPER_TARGETS,
@@ -627,9 +628,13 @@ def test_torch_compile_traces_the_adapted_model(strategy):
     assert_same_tensors(core_gradients(model), expected_grads, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("workspace", [False, True])
 @pytest.mark.parametrize("strategy", ["dense", "factored", "auto"])
-def test_a_layer_compiles_into_one_graph(strategy):
-    # fullgraph: no graph break, so a compiled model keeps the layer inside its graphs
+def test_a_layer_compiles_into_one_graph(strategy, workspace, monkeypatch):
+    # fullgraph: no graph break, so a compiled model keeps the layer inside its graphs;
+    # a layer large enough for the CPU workspace (any layer, here) compiles without it
+    if workspace:
+        monkeypatch.setattr(mpo.adapt.delta, "_WORKSPACE_MIN_BYTES", 0)
     torch.manual_seed(0)
     layer = DoTALinear(nn.Linear(64, 48), rank=4, shape=((4, 3, 4), (4, 4, 4)))
     layer.strategy = strategy
