@@ -473,7 +473,7 @@ class TestWorkspace:
         cpu, meta = torch.device("cpu"), torch.device("meta")
         assert mpo.adapt.delta._workspace(layout, torch.float32, cpu).numel() == 48 * 64
         assert mpo.adapt.delta._workspace(layout, torch.float32, meta) is None
-        monkeypatch.setattr(mpo.adapt.delta, "_WORKSPACE_MIN_BYTES", 48 * 64 * 4)
+        monkeypatch.setattr(mpo.adapt.delta, "_WORKSPACE_MIN_BYTES", 48 * 64 * 4 + 1)
         assert mpo.adapt.delta._workspace(layout, torch.float32, cpu) is None
         assert mpo.adapt.delta._workspace(layout, torch.float64, cpu) is not None
 

@@ -22,7 +22,7 @@ full-size is one of:
   ``dL/dDelta = dy^T x``, which it turns
   into the gradients of ``L`` and ``R`` at once. Against a frozen layer this adds
   the product ``dy^T x`` and two rebuilds: 1.5x a frozen training step is its floor.
-  On a CPU, a weight above 32 MiB is rebuilt whole instead, into one buffer that
+  On a CPU, a weight of 32 MiB or more is rebuilt whole instead, into one buffer that
   every layer on the thread shares (:func:`_workspace`), and ``dy^T x`` is then
   formed there too.
 
@@ -249,7 +249,7 @@ _GPU_BLOCK_BYTES = 1 << 28
 _MIN_LINES = 256
 _MAX_BLOCK_BYTES = 1 << 25  # widening (a cpu matter) stops at the mmap threshold
 
-# On a CPU, W0 + Delta above the mmap threshold is rebuilt whole into a buffer kept
+# On a CPU, W0 + Delta from the mmap threshold on is rebuilt whole into a buffer kept
 # between calls (:func:`_workspace`) rather than in blocks: rebuilding each block between
 # the products of the others makes both slower (they evict each other from the caches),
 # and a fresh buffer that size is new pages on every call. Measured (4096 x 4096, float32,
@@ -260,8 +260,9 @@ _workspaces = threading.local()
 
 def _workspace(layout: Layout, dtype: Any, device: Any) -> Any:
     """A flat buffer of the layer's weight size in ``dtype``, or ``None`` where the
-    blocks apply (below ``_WORKSPACE_MIN_BYTES``, off the CPU, or under torch.compile,
-    whose caching allocator and fusion do better than a kept buffer).
+    blocks apply: below ``_WORKSPACE_MIN_BYTES``, off the CPU (a GPU's caching allocator
+    reuses freed blocks, and its block budget holds a 7B model's layers whole anyway),
+    and under torch.compile, which would not trace the thread's buffers.
 
     One buffer per thread and dtype, shared by every layer and grown to the largest
     one: the layers of a model run one after another, so it costs one layer's weight
@@ -270,7 +271,7 @@ def _workspace(layout: Layout, dtype: Any, device: Any) -> Any:
     size = layout.out_features * layout.in_features
     if (
         device.type != "cpu"
-        or size * dtype.itemsize <= _WORKSPACE_MIN_BYTES
+        or size * dtype.itemsize < _WORKSPACE_MIN_BYTES
         or torch.compiler.is_compiling()
     ):
         return None
