@@ -454,10 +454,13 @@ def test_float64_input_is_left_alone_by_autocast_as_the_base_layer_does():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("strategy", ["dense", "factored"])
-def test_float32_layer_runs_under_autocast(strategy, dtype):
+@pytest.mark.parametrize("strategy", ["dense", "factored", "workspace"])
+def test_float32_layer_runs_under_autocast(strategy, dtype, monkeypatch):
     torch.manual_seed(0)
     layer = DoTALinear(nn.Linear(32, 32), rank=4, shape=((2, 4, 4), (2, 4, 4)))
+    if strategy == "workspace":  # the dense strategy through the CPU workspace
+        monkeypatch.setattr(mpo.adapt.delta, "_WORKSPACE_MIN_BYTES", 0)
+        strategy = "dense"
     layer.strategy = strategy
     with torch.no_grad():
         for core in layer.cores():
