@@ -632,6 +632,12 @@ def test_numpy_integers_are_accepted_as_sizes():
     assert type(config.rank) is int
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "int8", torch.int8])
+def test_a_layer_refuses_a_cores_dtype_that_is_no_float(dtype):
+    with pytest.raises(mpo.MPOError, match=r"floating torch dtype or its name .*'float32'"):
+        DoTALinear(linear(), rank=4, shape=SHAPE, dtype=dtype)
+
+
 class TestConfigErrors:
     @pytest.mark.parametrize(
         ("kwargs", "message"),

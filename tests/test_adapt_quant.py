@@ -340,6 +340,12 @@ class TestWrap:
             y = merged(x.to(torch.bfloat16)).float()
         assert torch.allclose(y, expected, rtol=2e-2, atol=2e-2 * expected.abs().max())
 
+    @pytest.mark.parametrize("dtype", ["fp16", "int8", torch.int8])
+    def test_merge_and_unload_refuses_a_dtype_that_is_no_float(self, dtype):
+        layer = QDoTALinear(linear(trained_like()), rank=8, shape=SHAPE)
+        with pytest.raises(mpo.MPOError, match=r"floating torch dtype or its name .*'bfloat16'"):
+            layer.merge_and_unload(dtype=dtype)
+
     def test_unwrap_refuses_and_names_the_way_out(self):
         model = mpo.adapt.wrap(tiny_llama(), quantize="nf4", rank=4, num_cores=2, quiet=True)
         with pytest.raises(mpo.MPOError, match=r"cannot restore.*reload the base model"):

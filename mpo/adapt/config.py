@@ -12,11 +12,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from mpo.count import bond_ranks
 from mpo.errors import MPOError, is_count
 from mpo.tensorize import factorize
 
-__all__ = ["PAPER_TARGETS", "DoTAConfig", "check_adapter_name", "resolve_config"]
+__all__ = [
+    "PAPER_TARGETS",
+    "DoTAConfig",
+    "check_adapter_name",
+    "floating_dtype",
+    "resolve_config",
+]
 
 #: The modules the DoTA paper adapts in LLaMA models.
 PAPER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -151,14 +159,27 @@ def check_adapter_name(name: Any, where: str) -> str:
             f"{where}: adapter name {name!r} must be a non-empty string without '.'; "
             "pass adapter_name='default' (or another such name)"
         )
-    from torch import nn
-
-    if hasattr(nn.ModuleDict(), name):
+    if hasattr(torch.nn.ModuleDict(), name):
         raise MPOError(
             f"{where}: adapter name {name!r} is an attribute of torch's ModuleDict, which holds "
             "the adapters; pick another name"
         )
     return name
+
+
+def floating_dtype(dtype: Any) -> torch.dtype:
+    """``dtype``, a torch dtype or its name (``"bfloat16"``), as a floating torch dtype.
+
+    >>> floating_dtype("bfloat16")
+    torch.bfloat16
+    """
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        raise MPOError(
+            "dtype must be a floating torch dtype or its name (e.g. 'float32', "
+            f"'bfloat16'), got {dtype!r}"
+        )
+    return resolved
 
 
 def resolve_config(config: DoTAConfig | None, overrides: Mapping[str, Any]) -> DoTAConfig:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import mpo
-from mpo.adapt.config import check_adapter_name
+from mpo.adapt.config import check_adapter_name, floating_dtype
 from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, pair
 from mpo.adapt.sharding import gathered, sharded_like
 from mpo.adapt.targets import weight_shape
@@ -95,7 +95,7 @@ def new_cores(
     """
     if init not in ("dota", "random"):
         raise MPOError(f"init must be 'dota' or 'random', got {init!r}")
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = floating_dtype(dtype)
     if shape is None:
         shape = (mpo.factorize(matrix.shape[0]), mpo.factorize(matrix.shape[1]))
     shape = (tuple(shape[0]), tuple(shape[1]))

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 import mpo
-from mpo.adapt.config import check_adapter_name
+from mpo.adapt.config import check_adapter_name, floating_dtype
 from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, halves
 from mpo.adapt.layer import _Cores, checked_operator, new_cores
 from mpo.adapt.targets import _is_linear, weight_shape
@@ -461,7 +461,7 @@ class QDoTALinear(nn.Module):
         An ``nn.Linear``, or for a ``Conv1D`` base a ``Conv1D`` holding the
         transpose, ``(in, out)``, as transformers expects it.
         """
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or self.base_dtype
+        dtype = self.base_dtype if dtype is None else floating_dtype(dtype)
         weight = self.effective_weight()
         if self._transposed:
             # transformers is imported: the base layer was one of its Conv1D

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mpo import report
-from mpo.adapt.config import DoTAConfig, check_adapter_name, resolve_config
+from mpo.adapt.config import DoTAConfig, check_adapter_name, floating_dtype, resolve_config
 from mpo.adapt.layer import DoTALinear
 from mpo.adapt.quant import (
     QDoTALinear,
@@ -626,7 +626,7 @@ def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
     (merged layers plain, the others in 4 bits).
     """
     _require_layers(model, "merge_and_unload")
-    dtype = _floating_dtype(dtype)
+    dtype = None if dtype is None else floating_dtype(dtype)
     merged_4bit = []
     for name, layer in dota_layers(model):
         quantized = isinstance(layer, QDoTALinear)
@@ -643,14 +643,6 @@ def merge_and_unload(model: nn.Module, *, dtype: Any = None) -> nn.Module:
     if dtype is not None:
         _cast_floating(model, dtype)
     return model
-
-
-def _floating_dtype(dtype: Any) -> torch.dtype | None:
-    """``dtype`` (a torch dtype or its name) as a floating torch dtype; None stays None."""
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if dtype is not None and not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
-        raise MPOError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
-    return resolved
 
 
 def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
