@@ -348,6 +348,7 @@ class TestBlocks:
         monkeypatch.setattr(mpo.adapt.delta, "_MIN_LINES", 1)
         if request.param == "workspace":
             monkeypatch.setattr(mpo.adapt.delta, "_WORKSPACE_MIN_BYTES", 0)
+            monkeypatch.setattr(mpo.adapt.delta, "_workspace", mpo.adapt.delta._Workspace())
 
     @pytest.mark.parametrize("kind", ["linear", "no-bias", "conv1d"])
     @pytest.mark.parametrize("init", ["dota", "random"])
@@ -443,39 +444,122 @@ class TestBlocks:
 
 
 class TestWorkspace:
-    """Every layer on a thread shares one workspace per dtype, grown to the largest."""
+    """One CPU buffer, lent to one call at a time, grown to the largest layer."""
 
     @pytest.fixture(autouse=True)
-    def any_size(self, monkeypatch):
+    def workspace(self, monkeypatch):
         monkeypatch.setattr(mpo.adapt.delta, "_WORKSPACE_MIN_BYTES", 0)
-        monkeypatch.setattr(mpo.adapt.delta, "_workspaces", threading.local())
+        workspace = mpo.adapt.delta._Workspace()
+        monkeypatch.setattr(mpo.adapt.delta, "_workspace", workspace)
+        return workspace
 
-    def test_one_buffer_per_dtype_for_all_layers(self):
+    def dense_layer(self, out_features=48, dtype=torch.float32):
+        rows = (4, 3, 4) if out_features == 48 else (4, 4, 4)
+        base = torch.nn.Linear(64, out_features).to(dtype)
+        layer = DoTALinear(base, rank=4, shape=(rows, (4, 4, 4)))
+        layer.strategy = "dense"
+        perturb(layer)
+        return layer
+
+    def test_one_buffer_for_all_layers_and_dtypes(self, workspace):
         torch.manual_seed(0)
-        shapes = [((4, 3, 4), (4, 4, 4)), ((4, 4, 4), (4, 4, 4)), ((2, 3, 4), (4, 4, 4))]
-        layers = [
-            DoTALinear(torch.nn.Linear(64, math.prod(rows)), rank=4, shape=(rows, cols))
-            for rows, cols in shapes
-        ]
-        layers.append(DoTALinear(torch.nn.Linear(64, 48).double(), rank=4, shape=shapes[0]))
+        layers = self.dense_layer(48), self.dense_layer(64), self.dense_layer(48, torch.float64)
         for layer in layers:
-            layer.strategy = "dense"
-            perturb(layer)
-            x = torch.randn(3, 64, dtype=layer.weight.dtype)
-            _step(layer, x, "dense")
-        buffers = mpo.adapt.delta._workspaces.__dict__
-        assert sorted(buffers, key=str) == [torch.float32, torch.float64]
-        assert buffers[torch.float32].numel() == 64 * 64  # the largest float32 layer
-        assert buffers[torch.float64].numel() == 48 * 64
+            _step(layer, torch.randn(3, 64, dtype=layer.weight.dtype), "dense")
+        # the largest: 48 x 64 in float64 (24576 bytes), above 64 x 64 in float32
+        assert workspace.buffer.dtype == torch.uint8
+        assert workspace.buffer.numel() == 48 * 64 * 8
+        assert not workspace.lock.locked()
 
-    def test_none_below_the_threshold_or_off_the_cpu(self, monkeypatch):
-        layout = DoTALinear(linear(), rank=4, shape=SHAPE).layout()
+    def test_none_below_the_threshold_off_the_cpu_or_taken_again(self, workspace, monkeypatch):
+        layout = self.dense_layer().layout()
         cpu, meta = torch.device("cpu"), torch.device("meta")
-        assert mpo.adapt.delta._workspace(layout, torch.float32, cpu).numel() == 48 * 64
-        assert mpo.adapt.delta._workspace(layout, torch.float32, meta) is None
+        assert workspace.take(layout, torch.float32, meta) is None
+        lent = workspace.take(layout, torch.float32, cpu)
+        assert lent.dtype == torch.float32
+        assert lent.numel() == 48 * 64
+        assert workspace.take(layout, torch.float32, cpu) is None  # the blocks, meanwhile
+        workspace.give_back()
         monkeypatch.setattr(mpo.adapt.delta, "_WORKSPACE_MIN_BYTES", 48 * 64 * 4 + 1)
-        assert mpo.adapt.delta._workspace(layout, torch.float32, cpu) is None
-        assert mpo.adapt.delta._workspace(layout, torch.float64, cpu) is not None
+        assert workspace.take(layout, torch.float32, cpu) is None
+        assert workspace.take(layout, torch.float64, cpu) is not None
+        workspace.give_back()
+
+    def test_another_thread_waits_for_it(self, workspace):
+        layout = self.dense_layer().layout()
+        cpu = torch.device("cpu")
+        assert workspace.take(layout, torch.float32, cpu) is not None
+        taken = []
+        thread = threading.Thread(
+            target=lambda: taken.append(workspace.take(layout, torch.float32, cpu))
+        )
+        thread.start()
+        thread.join(0.2)
+        assert thread.is_alive()  # waiting, not falling back to the blocks
+        workspace.give_back()
+        thread.join(5)
+        assert taken[0] is not None
+        assert workspace.owner == thread.ident
+        workspace.give_back()
+
+    def test_a_failed_allocation_leaves_it_free(self, workspace, monkeypatch):
+        layout = self.dense_layer().layout()
+
+        def out_of_memory(*args, **kwargs):
+            raise MemoryError
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "empty", out_of_memory)
+            with pytest.raises(MemoryError):
+                workspace.take(layout, torch.float32, torch.device("cpu"))
+        assert not workspace.lock.locked()
+        assert workspace.owner is None
+
+    def test_a_step_while_lent_takes_the_blocks(self, workspace):
+        torch.manual_seed(0)
+        layer = self.dense_layer()
+        x = torch.randn(3, 64)
+        y_ref, grads_ref = _step(layer, x, "factored")
+        assert workspace.take(layer.layout(), torch.float32, x.device) is not None
+        try:
+            y, grads = _step(layer, x, "dense")
+        finally:
+            workspace.give_back()
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        for grad, reference in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
+
+    def test_made_under_inference_mode_it_serves_training_after(self, workspace):
+        torch.manual_seed(0)
+        layer = self.dense_layer()
+        x = torch.randn(3, 64)
+        with torch.inference_mode():
+            layer(x)
+        assert not workspace.buffer.is_inference()
+        (y, grads), (y_ref, grads_ref) = _step(layer, x, "dense"), _step(layer, x, "factored")
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        for grad, reference in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-5)
+
+    def test_a_fake_tensor_trace_leaves_nothing_behind(self, workspace):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        layer = self.dense_layer()
+        x = torch.randn(3, 64)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            layer(x)
+        assert workspace.buffer is None
+        assert type(layer(x)) is torch.Tensor
+
+    def test_on_the_cpu_whatever_the_default_device(self, workspace):
+        layer = self.dense_layer()
+        x = torch.randn(3, 64)
+        expected = layer(x)
+        workspace.buffer = None
+        with torch.device("meta"):
+            y = layer(x)
+        assert workspace.buffer.device.type == "cpu"
+        assert torch.equal(y, expected)
 
 
 class TestWrap:

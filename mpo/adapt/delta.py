@@ -23,7 +23,7 @@ full-size is one of:
   into the gradients of ``L`` and ``R`` at once. Against a frozen layer this adds
   the product ``dy^T x`` and two rebuilds: 1.5x a frozen training step is its floor.
   On a CPU, a weight of 32 MiB or more is rebuilt whole instead, into one buffer that
-  every layer on the thread shares (:func:`_workspace`), and ``dy^T x`` is then
+  every layer shares (:class:`_Workspace`), and ``dy^T x`` is then
   formed there too.
 
 :func:`choose` picks one from a cost estimate. Both are exactly zero at
@@ -250,37 +250,62 @@ _MIN_LINES = 256
 _MAX_BLOCK_BYTES = 1 << 25  # widening (a cpu matter) stops at the mmap threshold
 
 # On a CPU, W0 + Delta from the mmap threshold on is rebuilt whole into a buffer kept
-# between calls (:func:`_workspace`) rather than in blocks: rebuilding each block between
+# between calls (:class:`_Workspace`) rather than in blocks: rebuilding each block between
 # the products of the others makes both slower (they evict each other from the caches),
 # and a fresh buffer that size is new pages on every call. Measured (4096 x 4096, float32,
 # R = 16, 512 tokens): a training step 2.0-2.1x a frozen layer's in blocks, 1.8x whole.
 _WORKSPACE_MIN_BYTES = _MAX_BLOCK_BYTES
-_workspaces = threading.local()
 
 
-def _workspace(layout: Layout, dtype: Any, device: Any) -> Any:
-    """A flat buffer of the layer's weight size in ``dtype``, or ``None`` where the
-    blocks apply: below ``_WORKSPACE_MIN_BYTES``, off the CPU (a GPU's caching allocator
-    reuses freed blocks, and its block budget holds a 7B model's layers whole anyway),
-    and under torch.compile, which would not trace the thread's buffers.
+class _Workspace:
+    """One CPU buffer for ``W0 + Delta`` (then ``dy^T x``), shared by every layer of
+    the process, grown to the largest: layers run one after another, so it costs one
+    layer's weight (180 MB for LLaMA-7B's MLP in float32), never one per layer.
 
-    One buffer per thread and dtype, shared by every layer and grown to the largest
-    one: the layers of a model run one after another, so it costs one layer's weight
-    for the whole model (180 MB for LLaMA-7B's MLP in float32), never one per layer.
+    :meth:`take` lends it, or gives ``None`` where the blocks apply: below
+    ``_WORKSPACE_MIN_BYTES``; off the CPU (a GPU's caching allocator reuses freed
+    memory, and its block budget holds a 7B model's layers whole anyway); while torch
+    traces (torch.compile, or a dispatch mode such as FakeTensorMode, which would make
+    and keep a traced buffer); and to a thread that has it already. Another thread
+    waits for it, so that a result never depends on which thread came first (the
+    blocks round differently). A lent buffer goes back with :meth:`give_back`.
     """
-    size = layout.out_features * layout.in_features
-    if (
-        device.type != "cpu"
-        or size * dtype.itemsize < _WORKSPACE_MIN_BYTES
-        or torch.compiler.is_compiling()
-    ):
-        return None
-    buffers = _workspaces.__dict__
-    buffer = buffers.get(dtype)
-    if buffer is None or buffer.numel() < size:
-        buffers.pop(dtype, None)  # the old one goes before the new one comes
-        buffer = buffers[dtype] = torch.empty(size, dtype=dtype)
-    return buffer[:size]
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None  # the thread it is lent to
+        self.buffer: Any = None  # bytes, viewed as the dtype asked for
+
+    def take(self, layout: Layout, dtype: Any, device: Any) -> Any:
+        nbytes = layout.out_features * layout.in_features * dtype.itemsize
+        if (
+            device.type != "cpu"
+            or nbytes < _WORKSPACE_MIN_BYTES
+            or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() > 0
+            or self.owner == threading.get_ident()
+        ):
+            return None
+        self.lock.acquire()
+        self.owner = threading.get_ident()
+        try:
+            if self.buffer is None or self.buffer.numel() < nbytes:
+                self.buffer = None  # the old one goes before the new one comes
+                # a normal tensor even when first asked for under inference_mode, so that
+                # later calls outside it can write into it
+                with torch.inference_mode(False):
+                    self.buffer = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+        except BaseException:  # out of memory, say: not lent, so not kept either
+            self.give_back()
+            raise
+        return self.buffer[:nbytes].view(dtype)
+
+    def give_back(self) -> None:
+        self.owner = None
+        self.lock.release()
+
+
+_workspace = _Workspace()
 
 
 def _blocks(
@@ -461,18 +486,22 @@ class _DenseDelta(torch.autograd.Function):
             dtype = _compute_dtype(cores[0], rows.dtype)
             term = _halves_of(cores, layout)[1]
             initial = None if init is None else halves(init, layout)
-            workspace = _workspace(layout, rows.dtype, x.device)
             blocks = _row_blocks(prod(x.shape[:-1]), dtype, layout, x.device)
-            if workspace is not None or len(blocks) == 1:
-                # W0 + Delta is W0 exactly when Delta is zero: the base layer's result
-                a, b = (t.to(dtype) for t in _join(term, initial))
-                merged = _merged(weight, a, b, layout, out=workspace)
-                y = _linear(rows, merged.to(rows.dtype), bias, layout.transposed)
-            elif weight is not None and _is_zero(term, initial):
-                # a blocked product may round differently from the base layer's one
-                y = _linear(rows, weight.to(rows.dtype), bias, layout.transposed)
-            else:
-                y = _blocked_forward(rows, weight, bias, *_join(term, initial), layout)
+            workspace = _workspace.take(layout, rows.dtype, x.device)
+            try:
+                if workspace is not None or len(blocks) == 1:
+                    # W0 + Delta is W0 exactly when Delta is zero: the base layer's result
+                    a, b = (t.to(dtype) for t in _join(term, initial))
+                    merged = _merged(weight, a, b, layout, out=workspace)
+                    y = _linear(rows, merged.to(rows.dtype), bias, layout.transposed)
+                elif weight is not None and _is_zero(term, initial):
+                    # a blocked product may round differently from the base layer's one
+                    y = _linear(rows, weight.to(rows.dtype), bias, layout.transposed)
+                else:
+                    y = _blocked_forward(rows, weight, bias, *_join(term, initial), layout)
+            finally:
+                if workspace is not None:
+                    _workspace.give_back()
         ctx.layout, ctx.n = layout, n
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *cores_and_init)
@@ -535,30 +564,34 @@ def _dense_backward(
     grad_right = torch.zeros(right.shape, dtype=accumulated, device=right.device)
     grad_lefts = grad_left.view(i_l, j_l, rank)
     unit = j_r * layout.out_features * dtype.itemsize
-    workspace = _workspace(layout, dy.dtype, dy.device)
-    if workspace is not None:  # W0 + Delta whole, then G whole, in one buffer
-        if with_x:
-            merged = _merged(weight, a, b, layout, out=workspace)
-            grad_x = rows_dy @ _oriented(merged, layout)
-        full = workspace.view(layout.out_features, -1)
-        if with_cores:
-            torch.mm(rows_dy.T, rows_x, out=full)
-        blocks = _blocks(j_l, unit, dy.device)
-    else:
-        grad_x = rows_dy.new_empty(rows_x.shape) if with_x else None
-        blocks = _blocks(j_l, unit, dy.device, unit_lines=j_r, rows=rows_dy.shape[0])
-    for start, stop in blocks:
-        columns = slice(start * j_r, stop * j_r)
-        if workspace is None and grad_x is not None:
-            block = _column_block(matrix, a, b, start, stop, layout).to(dy.dtype)
-            torch.mm(rows_dy, block, out=grad_x[:, columns])
-        if not with_cores:
-            continue
-        g = full[:, columns] if workspace is not None else rows_dy.T @ rows_x[:, columns]
-        g = g.reshape(i_l, i_r, stop - start, j_r).permute(0, 2, 1, 3)
-        g = g.reshape(-1, i_r * j_r).to(dtype)
-        grad_lefts[:, start:stop] = (g @ right_t).view(i_l, -1, rank)
-        grad_right += lefts[:, start:stop].flatten(0, 1).T @ g
+    workspace = _workspace.take(layout, dy.dtype, dy.device) if with_x or with_cores else None
+    try:
+        if workspace is not None:  # W0 + Delta whole, then G whole, in one buffer
+            if with_x:
+                merged = _merged(weight, a, b, layout, out=workspace)
+                grad_x = rows_dy @ _oriented(merged, layout)
+            full = workspace.view(layout.out_features, -1)
+            if with_cores:
+                torch.mm(rows_dy.T, rows_x, out=full)
+            blocks = _blocks(j_l, unit, dy.device)
+        else:
+            grad_x = rows_dy.new_empty(rows_x.shape) if with_x else None
+            blocks = _blocks(j_l, unit, dy.device, unit_lines=j_r, rows=rows_dy.shape[0])
+        for start, stop in blocks:
+            columns = slice(start * j_r, stop * j_r)
+            if workspace is None and grad_x is not None:
+                block = _column_block(matrix, a, b, start, stop, layout).to(dy.dtype)
+                torch.mm(rows_dy, block, out=grad_x[:, columns])
+            if not with_cores:
+                continue
+            g = full[:, columns] if workspace is not None else rows_dy.T @ rows_x[:, columns]
+            g = g.reshape(i_l, i_r, stop - start, j_r).permute(0, 2, 1, 3)
+            g = g.reshape(-1, i_r * j_r).to(dtype)
+            grad_lefts[:, start:stop] = (g @ right_t).view(i_l, -1, rank)
+            grad_right += lefts[:, start:stop].flatten(0, 1).T @ g
+    finally:
+        if workspace is not None:
+            _workspace.give_back()
     if not with_cores:
         return grad_x, None, None
     return grad_x, grad_left, grad_right.to(right.dtype)
