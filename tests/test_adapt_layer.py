@@ -824,6 +824,31 @@ def test_generation_reuses_the_halves_while_the_cores_stay_put(monkeypatch):
     assert len(computed) == 3  # a step, even without gradients, recomputes
 
 
+def test_bfloat16_generation_prepares_the_factors_once(monkeypatch):
+    # float32 cores under a bfloat16 layer: A and B converted (and A transposed) once,
+    # not once a token
+    torch.manual_seed(0)
+    layer = DoTALinear(linear(dtype=torch.bfloat16), rank=4, shape=SHAPE, dtype=torch.float32)
+    perturb(layer)
+    layer.strategy = "factored"
+    prepared = []
+    real_operands = mpo.adapt.layer.factored_operands
+
+    def counted(*args):
+        prepared.append(args[2])
+        return real_operands(*args)
+
+    monkeypatch.setattr(mpo.adapt.layer, "factored_operands", counted)
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        outputs = [layer(x) for _ in range(3)]
+        pair = mpo.adapt.delta.pair(layer.cores(), layer.initial_cores(), layer.layout())
+        expected = layer.base_layer(x) + mpo.adapt.delta.factored_delta(x, *pair, layer.layout())
+    assert prepared == [torch.bfloat16]
+    for y in outputs:
+        assert torch.equal(y, expected)
+
+
 def generating_layer():
     """A trained-looking layer on the factored path, which caches its halves without
     autograd, and one token."""

@@ -46,10 +46,12 @@ from mpo.contract import half_plans
 
 __all__ = [
     "Layout",
+    "apply_factored",
     "choose",
     "delta_weight",
     "dense_forward",
     "factored_delta",
+    "factored_operands",
     "halves",
     "pair",
 ]
@@ -618,21 +620,45 @@ def factored_delta(x: Any, a: Any, b: Any, layout: Layout) -> Any:
     than ``Delta``, so its rounding is relative to the update, which is then rounded
     to bfloat16 anyway), else in the cores' dtype; returned in that dtype.
     """
+    return apply_factored(x, factored_operands(a, b, x.dtype, layout), layout)
+
+
+def factored_operands(a: Any, b: Any, input_dtype: Any, layout: Layout) -> tuple[Any, Any, Any]:
+    """``A`` and ``B`` of :func:`pair` as :func:`apply_factored` multiplies them by
+    inputs of ``input_dtype``, in the dtype it computes in (see :func:`factored_delta`):
+    ``A`` as ``(I_L, J_L k)``, its transpose as a copy for bfloat16 (else ``None``),
+    and ``B^T`` as ``(J_R, k I_R)``.
+
+    Separate from the products so that generation, which multiplies the same factors
+    once per token, prepares them once (:meth:`mpo.adapt.DoTALinear.forward`): the
+    conversions and copies here cost a bfloat16 16-token forward as much as half a
+    frozen layer's on a CPU.
+    """
     i_l, j_l, i_r, j_r = layout.blocks
     k = a.shape[1]
-    dtype = _compute_dtype(a, x.dtype)
-    rows, a, b = x.reshape(-1, j_l, j_r).to(dtype), a.to(dtype), b.to(dtype)
+    dtype = _compute_dtype(a, input_dtype)
+    rows = a.to(dtype).view(i_l, j_l * k)
+    columns = b.to(dtype).view(k, i_r, j_r).permute(2, 0, 1).reshape(j_r, k * i_r)
+    # bfloat16 matrix units do one product z^T A^T far better than a batch of A z (A
+    # broadcast): at 16 rows of 11008 x 4096, 0.4x a frozen layer's forward against 7x;
+    # the transposes must be copies, as views they cost more
+    rows_t = rows.T.contiguous() if dtype == torch.bfloat16 else None
+    return rows, rows_t, columns
+
+
+def apply_factored(x: Any, operands: tuple[Any, Any, Any], layout: Layout) -> Any:
+    """:func:`factored_delta` with its factors prepared by :func:`factored_operands`."""
+    _, j_l, i_r, j_r = layout.blocks
+    rows_a, rows_a_t, columns_b = operands
+    k = columns_b.shape[1] // i_r
+    rows = x.reshape(-1, j_l, j_r).to(rows_a.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        b_t = b.view(k, i_r, j_r).permute(2, 0, 1).reshape(j_r, k * i_r)
-        z = (rows.reshape(-1, j_r) @ b_t).view(-1, j_l * k, i_r)
-        if dtype == torch.bfloat16 and z.shape[0] > 1:
-            # bfloat16 matrix units do one product z^T A^T far better than a batch of
-            # A z (A broadcast): at 16 rows of 11008 x 4096, 0.4x a frozen layer's
-            # forward against 7x; the transposes must be copies, as views they cost more
+        z = (rows.reshape(-1, j_r) @ columns_b).view(-1, j_l * k, i_r)
+        if rows_a_t is not None and z.shape[0] > 1:
             z_t = z.transpose(1, 2).contiguous()
-            out = (z_t @ a.view(i_l, j_l * k).T.contiguous()).transpose(1, 2)
+            out = (z_t @ rows_a_t).transpose(1, 2)
         else:
-            out = a.view(i_l, j_l * k) @ z
+            out = rows_a @ z
     return out.reshape(*x.shape[:-1], layout.out_features)
 
 

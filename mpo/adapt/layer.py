@@ -30,7 +30,15 @@ from torch import nn
 
 import mpo
 from mpo.adapt.config import check_adapter_name, floating_dtype
-from mpo.adapt.delta import Layout, choose, delta_weight, dense_forward, factored_delta, pair
+from mpo.adapt.delta import (
+    Layout,
+    apply_factored,
+    choose,
+    delta_weight,
+    dense_forward,
+    factored_operands,
+    pair,
+)
 from mpo.adapt.sharding import gathered, sharded_like
 from mpo.adapt.targets import weight_shape
 from mpo.errors import MPOError
@@ -117,7 +125,7 @@ def checked_operator(cores: Sequence[torch.Tensor], out_features: int, in_featur
 
 
 # Optimizer steps taken in this process (any torch.optim optimizer), for the generation
-# cache of DoTALinear._pair: a fused step changes the cores without a version bump.
+# cache of DoTALinear._operands: a fused step changes the cores without a version bump.
 _optimizer_steps = 0
 _step_hook = None
 
@@ -187,7 +195,7 @@ class DoTALinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.strategy = "auto"
-        self._pair_cache = None
+        self._operands_cache = None
         _count_optimizer_steps()
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
@@ -323,7 +331,7 @@ class DoTALinear(nn.Module):
             del self.dota_init[adapter_name]
         del self.adapter_settings[adapter_name]
         del self._layouts[adapter_name]
-        self._pair_cache = None
+        self._operands_cache = None
 
     def enable_adapters(self, enabled: bool) -> None:
         """Turn the active adapter on or off; off gives the base layer's output bit for bit.
@@ -452,43 +460,45 @@ class DoTALinear(nn.Module):
                 x, self.base_layer.weight, self.base_layer.bias, cores, init, layout
             )
         y = self.base_layer(x, *args, **kwargs)
-        return y + factored_delta(x, *self._pair(cores, init, layout), layout).to(y.dtype)
+        operands = self._operands(cores, init, layout, x.dtype)
+        return y + apply_factored(x, operands, layout).to(y.dtype)
 
-    def _pair(self, cores: list, init: list | None, layout: Layout) -> tuple:
-        """``(A, B)`` with ``Delta = A @ B`` (:func:`mpo.adapt.delta.pair`); cached between
-        calls without autograd.
+    def _operands(self, cores: list, init: list | None, layout: Layout, dtype: Any) -> tuple:
+        """``A`` and ``B`` with ``Delta = A @ B`` (:func:`mpo.adapt.delta.pair`), laid
+        out for inputs of ``dtype`` (:func:`mpo.adapt.delta.factored_operands`); kept
+        between calls without autograd.
 
         Generation calls the layer once per token with unchanged cores. The cache
-        is keyed by the identities, storages, dtypes and version counters of ``T``
-        and ``T0``, which in-place updates (``load_state_dict``) bump and new data
-        (``p.data = ...``, ``vector_to_parameters``) changes, and by the number of
-        optimizer steps taken in this process: a fused step (``AdamW(fused=True)``,
-        ``Trainer``'s default) bumps no version counter. In-place writes that
-        bypass autograd's version counter go unseen: through ``.data``
-        (``p.data.mul_(...)``), or to FSDP2's sharded cores between forwards;
-        :meth:`clear_cache` after such a write.
+        is keyed by ``dtype`` and by the identities, storages, dtypes and version
+        counters of ``T`` and ``T0``, which in-place updates (``load_state_dict``)
+        bump and new data (``p.data = ...``, ``vector_to_parameters``) changes, and
+        by the number of optimizer steps taken in this process: a fused step
+        (``AdamW(fused=True)``, ``Trainer``'s default) bumps no version counter.
+        In-place writes that bypass autograd's version counter go unseen: through
+        ``.data`` (``p.data.mul_(...)``), or to FSDP2's sharded cores between
+        forwards; :meth:`clear_cache` after such a write.
         """
 
         def compute() -> tuple:
             # in the cores' dtype: autocast would round the halves to bfloat16
             with torch.autocast(cores[0].device.type, enabled=False):
-                return pair(cores, init, layout)
+                return factored_operands(*pair(cores, init, layout), dtype, layout)
 
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            self._pair_cache = None
+            self._operands_cache = None
             return compute()
         tensors = [*cores, *(init or [])]
         versions = ((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
-        key = (self.active_adapter, _optimizer_steps, *versions)
-        cached = self._pair_cache
+        key = (self.active_adapter, dtype, _optimizer_steps, *versions)
+        cached = self._operands_cache
         if cached is None or cached[0] != key:
             cached = (key, compute())
-            self._pair_cache = cached
+            self._operands_cache = cached
         return cached[1]
 
     def clear_cache(self) -> None:
-        """Forget the factors kept between calls without autograd (see :meth:`_pair`)."""
-        self._pair_cache = None
+        """Forget the factors kept between calls without autograd (see :meth:`_operands`)."""
+        self._operands_cache = None
 
     def extra_repr(self) -> str:
         settings = self.adapter_settings.get(self.active_adapter)
