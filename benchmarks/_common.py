@@ -134,11 +134,31 @@ def machine_info(
         "torch_interop_threads": torch.get_num_interop_threads(),
         **{library.__name__: library.__version__ for library in libraries},
         "mpo": mpo.__version__,
+        "commit": _commit(),
         "env": {name: os.environ.get(name, "unset") for name in _THREAD_VARIABLES},
         # Other jobs on the machine skew every time; the ratios less so, as the calls alternate.
         "load_average_at_start": load_average(),
     }
     return info
+
+
+def _commit() -> str:
+    """The repository's checked-out commit, ``+changes`` if tracked files differ from it,
+    or ``"unknown"`` outside a git checkout (a copied tree, say): which code a figure is of."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        run = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=True
+        )
+        return run.stdout
+
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if changed else "")
 
 
 def synchronize(device: torch.device) -> None:

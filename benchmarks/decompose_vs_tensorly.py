@@ -334,7 +334,7 @@ def print_header(info: dict[str, Any], repeats: int, warm_tensorly: bool) -> Non
         f"- numpy {info['numpy']} ({info['numpy_blas']}, {info['numpy_blas_threads']} threads), "
         f"torch {info['torch']} ({info['torch_threads']} threads, "
         f"{info['torch_interop_threads']} interop), tensorly {info['tensorly']}, "
-        f"mpo {info['mpo']}, Python {info['python']}"
+        f"mpo {info['mpo']} at {info['commit']}, Python {info['python']}"
     )
     print(
         f"- float32, factor shapes from mpo.factorize(n, {NUM_CORES}), equal bond ranks; "

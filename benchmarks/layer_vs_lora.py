@@ -414,7 +414,8 @@ def print_header(info: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"- torch {info['torch']} ({info['torch_threads']} threads, "
         f"{info['torch_interop_threads']} interop), peft {info['peft']}, "
-        f"transformers {info['transformers']}, mpo {info['mpo']}, Python {info['python']}"
+        f"transformers {info['transformers']}, mpo {info['mpo']} at {info['commit']}, "
+        f"Python {info['python']}"
     )
     shapes = ", ".join(f"{o}x{i}" for o, i in args.shapes)
     print(

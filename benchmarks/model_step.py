@@ -204,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(device, libraries=(peft, transformers))
     print("# Training step of a LLaMA: DoTA vs PEFT LoRA vs the frozen model\n")
     print(f"- {info['date']}, {info['device']} ({info['device_name']}), {info['platform']}")
-    print(f"- torch {info['torch']}, peft {info['peft']}, transformers {info['transformers']}")
+    print(
+        f"- torch {info['torch']}, peft {info['peft']}, transformers {info['transformers']}, "
+        f"mpo {info['mpo']} at {info['commit']}"
+    )
     print(
         f"- size {args.size}: {size}; {args.rounds} rounds of {args.steps} steps a contender"
         + ("; every model torch.compile'd" if args.compile else "")

@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- {info['date']}, {info['device']} ({info['device_name']}), {info['platform']}")
     print(
         f"- torch {info['torch']}, bitsandbytes {info['bitsandbytes']}, "
-        f"transformers {info['transformers']}, peft {info['peft']}, mpo {info['mpo']}"
+        f"transformers {info['transformers']}, peft {info['peft']}, "
+        f"mpo {info['mpo']} at {info['commit']}"
     )
     print(f"- {quantizer}; targets {', '.join(args.targets)}\n")
     rows, totals = measure_errors(
