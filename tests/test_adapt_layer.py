@@ -716,10 +716,15 @@ def test_numpy_integers_are_accepted_as_sizes():
     assert type(config.rank) is int
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "int8", torch.int8])
-def test_a_layer_refuses_a_cores_dtype_that_is_no_float(dtype):
-    with pytest.raises(mpo.MPOError, match=r"floating torch dtype or its name .*'float32'"):
+@pytest.mark.parametrize("dtype", ["fp16", "int8", torch.int8, torch.float8_e4m3fn, None])
+def test_a_layer_refuses_a_cores_dtype_it_does_not_support(dtype):
+    with pytest.raises(mpo.MPOError, match="dtype must be one of float32, bfloat16, float16"):
         DoTALinear(linear(), rank=4, shape=SHAPE, dtype=dtype)
+
+
+def test_a_layer_takes_the_cores_dtype_as_torch_prints_it():
+    layer = DoTALinear(linear(), rank=4, shape=SHAPE, dtype=str(torch.bfloat16))
+    assert {core.dtype for core in layer.cores()} == {torch.bfloat16}
 
 
 class TestConfigErrors:
@@ -877,6 +882,46 @@ def test_generation_sees_cores_given_new_data(write):
         expected = layer.base_layer(x) + x @ layer.get_delta_weight().T
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_sees_cores_given_new_data_twice():
+    # the second new storage could take the address of the first core's, freed
+    layer, x = generating_layer()
+    for trial in range(20):
+        core = layer.cores()[trial % 3]
+        with torch.no_grad():
+            layer(x)
+        core.data = core.data + 0.01
+        core.data = core.data * 1.0
+        with torch.no_grad():
+            expected = layer.base_layer(x) + x @ layer.get_delta_weight().T
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fake_tensor_trace_leaves_nothing_for_generation():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer, x = generating_layer()
+    with torch.no_grad():
+        expected = layer(x)
+    layer.clear_cache()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        layer(mode.from_tensor(x))
+    with torch.no_grad():
+        y = layer(x)
+    assert type(y) is torch.Tensor
+    assert torch.equal(y, expected)
+
+
+def test_generation_under_vmap_over_parameters():
+    layer, x = generating_layer()
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    stacked = {name: torch.stack([p, 1.01 * p]) for name, p in params.items()}
+    with torch.no_grad():
+        ys = torch.func.vmap(lambda p: torch.func.functional_call(layer, p, (x,)))(stacked)
+        expected = torch.func.functional_call(layer, params, (x,))
+    torch.testing.assert_close(ys[0], expected)
+    assert not torch.allclose(ys[1], expected)
 
 
 def test_clear_cache_after_a_write_autograd_does_not_see():

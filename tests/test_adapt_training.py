@@ -271,7 +271,7 @@ def test_merge_and_unload_with_a_dtype_casts_the_whole_model():
         merged = merge_and_unload(model, dtype="bfloat16")
         assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
         torch.testing.assert_close(first_output(merged, ids).float(), adapted, rtol=0.05, atol=0.05)
-    with pytest.raises(MPOError, match="dtype must be a floating torch dtype"):
+    with pytest.raises(MPOError, match="dtype must be one of float32, bfloat16"):
         merge_and_unload(trained_adapter("llama"), dtype="int8")
 
 

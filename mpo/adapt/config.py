@@ -168,18 +168,18 @@ def check_adapter_name(name: Any, where: str) -> str:
 
 
 def floating_dtype(dtype: Any) -> torch.dtype:
-    """``dtype``, a torch dtype or its name (``"bfloat16"``), as a floating torch dtype.
+    """``dtype``, one of the float dtypes cores and merged weights may have, as a torch
+    dtype: given as one (``torch.bfloat16``) or by name (``"bfloat16"``, ``"torch.bfloat16"``).
 
     >>> floating_dtype("bfloat16")
     torch.bfloat16
     """
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else None
+    if name not in _DTYPES:
         raise MPOError(
-            "dtype must be a floating torch dtype or its name (e.g. 'float32', "
-            f"'bfloat16'), got {dtype!r}"
+            f"dtype must be one of {', '.join(_DTYPES)} (a name or the torch dtype), got {dtype!r}"
         )
-    return resolved
+    return getattr(torch, name)
 
 
 def resolve_config(config: DoTAConfig | None, overrides: Mapping[str, Any]) -> DoTAConfig:

@@ -484,7 +484,14 @@ class DoTALinear(nn.Module):
             with torch.autocast(cores[0].device.type, enabled=False):
                 return factored_operands(*pair(cores, init, layout), dtype, layout)
 
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if (
+            torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            # a dispatch mode (FakeTensorMode) or a torch.func transform: what it makes
+            # must not serve later real calls, and its wrapped cores have no data_ptr
+            or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._functorch.peek_interpreter_stack() is not None
+        ):
             self._operands_cache = None
             return compute()
         tensors = [*cores, *(init or [])]
@@ -492,7 +499,9 @@ class DoTALinear(nn.Module):
         key = (self.active_adapter, dtype, _optimizer_steps, *versions)
         cached = self._operands_cache
         if cached is None or cached[0] != key:
-            cached = (key, compute())
+            # the cores' storages are kept with the key, so that storage given to them
+            # later (p.data = ...) cannot reuse a keyed address and pass for the old one
+            cached = (key, compute(), [t.detach() for t in tensors])
             self._operands_cache = cached
         return cached[1]
 
